@@ -1,0 +1,1 @@
+"""Phase 1: run the frozen backbone once and store its per-layer hidden states."""

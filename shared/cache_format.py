@@ -1,0 +1,169 @@
+"""The cache format (see docs/cache-format.md): layout, manifest, codecs and plain readers.
+
+A cache is one Zarr v3 store (a folder):
+
+    manifest.json                  what the cache holds; `complete` is set last
+    zarr.json                      the root group
+    <split>/examples.parquet       one row per stored example, in storage order
+    <split>/<stack>/hidden         [tokens, layers, d] uint16 = bfloat16 bits, no padding
+    <split>/<stack>/offsets        [n + 1] int64: example i owns tokens offsets[i]:offsets[i+1]
+    <split>/<stack>/input_ids      [tokens] int32
+    <split>/<stack>/labels         [tokens] int32 (decoder and candidates: target ids)
+    importance.safetensors         optional per-row importance scores
+
+Stacks: `encoder` (every family), `decoder` (T5, teacher-forced on the target) and
+`candidates` (T5 with a closed label set: the teacher-forced decoder states of every
+candidate label, example-major, so offsets has n * K + 1 entries).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.errors import UserError
+
+FORMAT_NAME = "lst-activation-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STACKS = ("encoder", "decoder", "candidates")
+CODECS = ("none", "zstd1", "blosc-zstd")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+# --- bfloat16 bits --------------------------------------------------------------------------
+
+
+def bf16_bits(states: torch.Tensor) -> np.ndarray:
+    """Round to bfloat16 and return the raw bits as uint16 (zarr has no bfloat16 dtype)."""
+    return states.detach().to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
+
+
+def from_bf16_bits(bits: np.ndarray) -> torch.Tensor:
+    """View uint16 bits as a bfloat16 tensor (no copy)."""
+    return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16)
+
+
+# --- codecs -------------------------------------------------------------------------------
+
+
+def compressors(codec: str) -> list:
+    """The zarr v3 bytes-to-bytes codecs for a codec name."""
+    import zarr.codecs
+
+    if codec == "none":
+        return []
+    if codec == "zstd1":
+        return [zarr.codecs.ZstdCodec(level=1)]
+    if codec == "blosc-zstd":
+        return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2)]
+    raise UserError(f"unknown --codec {codec!r}; choose one of {', '.join(CODECS)}")
+
+
+def stack_geometry(num_layers: int, d_model: int, chunk_mib: float, shard_mib: float) -> tuple[int, int]:
+    """Tokens per inner chunk and per shard for a target chunk and shard size in MiB."""
+    token_bytes = num_layers * d_model * 2
+    chunk_tokens = max(1, int(chunk_mib * 2**20 // token_bytes))
+    per_shard = max(1, int(round(shard_mib * 2**20 / (chunk_tokens * token_bytes))))
+    return chunk_tokens, chunk_tokens * per_shard
+
+
+# --- manifest -----------------------------------------------------------------------------
+
+
+def safe_name(name: str, what: str) -> str:
+    """Names from a manifest become paths: allow plain names only, never `..` or `/`."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
+        raise UserError(f"the cache manifest names an unsafe {what} {name!r}; the cache is damaged or forged")
+    return name
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write JSON to a temporary file, fsync it, and rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(cache_dir: Path) -> dict:
+    """Read and check a manifest; a missing or foreign one is a user error."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.exists():
+        raise UserError(f"cache folder {cache_dir} does not exist; run `python -m backbone_cache.extract --out {cache_dir}` first")
+    path = cache_dir / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{cache_dir} has no {MANIFEST}; it is not a cache (or extraction never started)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON; the cache is damaged, rebuild it with --overwrite") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise UserError(f"{path} is not an LST activation cache manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(
+            f"{cache_dir} uses cache format version {version}, this tool reads version {FORMAT_VERSION}; "
+            "rebuild the cache with this version's backbone_cache.extract"
+        )
+    for split in manifest.get("splits", {}):
+        safe_name(split, "split")
+        for stack in manifest["splits"][split].get("stacks", {}):
+            safe_name(stack, "stack")
+    return manifest
+
+
+def open_complete(cache_dir: Path) -> dict:
+    """The manifest of a complete cache; an unfinished one is a user error."""
+    manifest = read_manifest(cache_dir)
+    if not manifest.get("complete"):
+        raise UserError(f"cache {cache_dir} is incomplete; rerun the extract command that made it to finish it")
+    return manifest
+
+
+# --- readers ------------------------------------------------------------------------------
+
+
+class StackReader:
+    """One stack of one split: offsets in memory, hidden states read on demand."""
+
+    def __init__(self, cache_dir: Path, split: str, stack: str, meta: dict):
+        import zarr
+
+        self.path = Path(cache_dir) / safe_name(split, "split") / safe_name(stack, "stack")
+        self.meta = meta
+        self.layers: list[int] = list(meta["layers"])
+        group = zarr.open_group(str(self.path), mode="r")
+        self.hidden = group["hidden"]
+        self.offsets = np.asarray(group["offsets"][:], dtype=np.int64)
+        self.input_ids = np.asarray(group["input_ids"][:], dtype=np.int32)
+        self.labels = np.asarray(group["labels"][:], dtype=np.int32) if "labels" in group else None
+        self.token_type_ids = np.asarray(group["token_type_ids"][:], dtype=np.int32) if "token_type_ids" in group else None
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def read_tokens(self, start: int, stop: int) -> np.ndarray:
+        """uint16 bf16 bits [stop - start, layers, d]."""
+        return self.hidden[start:stop]
+
+    def read_sequence(self, index: int) -> np.ndarray:
+        return self.read_tokens(int(self.offsets[index]), int(self.offsets[index + 1]))
+
+
+def read_examples(cache_dir: Path, split: str):
+    """The per-example table of a split (pyarrow Table, storage order)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(Path(cache_dir) / safe_name(split, "split") / "examples.parquet")

@@ -1,0 +1,374 @@
+"""The ladder side network (LST, Sung et al. 2022, §3.2-3.4), in one file.
+
+The side network never sees the backbone's weights at run time, only its hidden states:
+
+    s = down_emb(dropout(h_0))                       # embedding output, own down-projection
+    for j, i in enumerate(side_layers):              # backbone block i feeds side block j
+        mu = sigmoid(alpha_j / T)                    # alpha_j starts at 0, T = 0.1
+        s = mu * s + (1 - mu) * ladder_j(h_{i+1})    # gate, then the side block
+        s = block_j(s)
+    s = dropout(final_norm(s))
+
+T5 backbones get a side encoder and a side decoder (causal self-attention, cross-attention
+to the side encoder), an up-projection to d and the frozen, tied LM head. BERT-family
+backbones get a side encoder, an up-projection and a classification/regression head.
+`states` tensors are [batch, tokens, 1 + len(side_layers), d]: the embedding output, then
+the ladder input of each side layer, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.errors import UserError
+
+
+@dataclass
+class SideConfig:
+    """Everything that fixes the side network's shape."""
+
+    family: str  # "t5" or "encoder"
+    backbone_d: int
+    backbone_d_ff: int
+    backbone_d_kv: int
+    num_heads: int
+    num_backbone_layers: int
+    num_backbone_decoder_layers: int = 0
+    reduction: int = 8
+    encoder_layers: list[int] = field(default_factory=list)  # backbone block indices, 0-based
+    decoder_layers: list[int] = field(default_factory=list)
+    dropout: float = 0.1
+    gate_temperature: float = 0.1
+    norm_eps: float = 1e-6
+    feed_forward: str = "relu"  # T5: relu | gated-gelu; encoder: gelu
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    vocab_size: int = 0
+    lm_scale: float = 1.0
+    num_labels: int = 2
+    label_kind: str = "class"
+    pooling: str = "mean"
+
+    @property
+    def d(self) -> int:
+        return self.backbone_d // self.reduction
+
+    @property
+    def d_kv(self) -> int:
+        return self.backbone_d_kv // self.reduction
+
+    @property
+    def d_ff(self) -> int:
+        return self.backbone_d_ff // self.reduction
+
+    def check(self) -> None:
+        if self.reduction <= 0:
+            raise UserError(f"--reduction must be positive, got {self.reduction}")
+        for name, value in (("d", self.backbone_d), ("d_ff", self.backbone_d_ff), ("d_kv", self.backbone_d_kv)):
+            if value % self.reduction:
+                raise UserError(f"--reduction {self.reduction} does not divide the backbone's {name} = {value}; pick a divisor")
+        if self.d_kv == 0:
+            raise UserError(f"--reduction {self.reduction} leaves no attention width; use a smaller reduction")
+        for stack, layers, count in (
+            ("encoder", self.encoder_layers, self.num_backbone_layers),
+            ("decoder", self.decoder_layers, self.num_backbone_decoder_layers),
+        ):
+            if stack == "decoder" and self.family != "t5":
+                continue
+            if not layers:
+                raise UserError(f"the side {stack} has no layers; give --side-layers or a smaller --drop-layers")
+            if min(layers) < 0 or max(layers) >= count or sorted(set(layers)) != list(layers):
+                raise UserError(f"side layers {layers} must be increasing block indices in 0..{count - 1}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> SideConfig:
+        return cls(**obj)
+
+
+def side_layers(num_layers: int, drop: int = 0, explicit: list[int] | None = None) -> list[int]:
+    """Which backbone blocks feed side blocks: an explicit list, or all but `drop` interleaved (§3.4)."""
+    if explicit:
+        return sorted(explicit)
+    if drop < 0 or drop >= num_layers:
+        raise UserError(f"--drop-layers {drop} must be in 0..{num_layers - 1}")
+    if drop == 0:
+        return list(range(num_layers))
+    # Drop evenly spaced blocks, starting from the bottom: 12 blocks, drop 3 -> [1,2,3,5,6,7,9,10,11].
+    step = num_layers / drop
+    dropped = {int(k * step) for k in range(drop)}
+    return [i for i in range(num_layers) if i not in dropped]
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale only, no mean subtraction, no bias."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; T5 style (no bias, no scaling) or BERT style (bias, 1/sqrt(d_head))."""
+
+    def __init__(self, d: int, heads: int, d_head: int, bias: bool, scaled: bool, dropout: float):
+        super().__init__()
+        inner = heads * d_head
+        self.q = nn.Linear(d, inner, bias=bias)
+        self.k = nn.Linear(d, inner, bias=bias)
+        self.v = nn.Linear(d, inner, bias=bias)
+        self.o = nn.Linear(inner, d, bias=bias)
+        self.heads, self.d_head, self.dropout = heads, d_head, dropout
+        self.scale = d_head**-0.5 if scaled else 1.0
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        context = x if context is None else context
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, -1, self.heads, self.d_head).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(context)), split(self.v(context))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0, scale=self.scale
+        )
+        return self.o(out.transpose(1, 2).reshape(b, n, self.heads * self.d_head))
+
+
+class T5SideBlock(nn.Module):
+    """A thin T5 block: pre-norm self-attention, [cross-attention], feed-forward."""
+
+    def __init__(self, cfg: SideConfig, is_decoder: bool):
+        super().__init__()
+        self.self_norm = RMSNorm(cfg.d, cfg.norm_eps)
+        self.self_attn = Attention(cfg.d, cfg.num_heads, cfg.d_kv, bias=False, scaled=False, dropout=cfg.dropout)
+        self.is_decoder = is_decoder
+        if is_decoder:
+            self.cross_norm = RMSNorm(cfg.d, cfg.norm_eps)
+            self.cross_attn = Attention(cfg.d, cfg.num_heads, cfg.d_kv, bias=False, scaled=False, dropout=cfg.dropout)
+        self.ff_norm = RMSNorm(cfg.d, cfg.norm_eps)
+        self.gated = cfg.feed_forward.startswith("gated")
+        if self.gated:
+            self.wi_0 = nn.Linear(cfg.d, cfg.d_ff, bias=False)
+            self.wi_1 = nn.Linear(cfg.d, cfg.d_ff, bias=False)
+        else:
+            self.wi = nn.Linear(cfg.d, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, s, self_bias, context=None, cross_bias=None):
+        s = s + self.drop(self.self_attn(self.self_norm(s), self_bias))
+        if self.is_decoder:
+            s = s + self.drop(self.cross_attn(self.cross_norm(s), cross_bias, context))
+        h = self.ff_norm(s)
+        h = F.gelu(self.wi_0(h), approximate="tanh") * self.wi_1(h) if self.gated else F.relu(self.wi(h))
+        return s + self.drop(self.wo(self.drop(h)))
+
+
+class BertSideBlock(nn.Module):
+    """A thin BERT layer: post-norm self-attention and GELU feed-forward, with biases."""
+
+    def __init__(self, cfg: SideConfig):
+        super().__init__()
+        d_head = cfg.d // cfg.num_heads
+        self.self_attn = Attention(cfg.d, cfg.num_heads, d_head, bias=True, scaled=True, dropout=cfg.dropout)
+        self.attn_norm = nn.LayerNorm(cfg.d, eps=cfg.norm_eps)
+        self.wi = nn.Linear(cfg.d, cfg.d_ff)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d)
+        self.ff_norm = nn.LayerNorm(cfg.d, eps=cfg.norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, s, self_bias, context=None, cross_bias=None):
+        s = self.attn_norm(s + self.drop(self.self_attn(s, self_bias)))
+        return self.ff_norm(s + self.drop(self.wo(F.gelu(self.wi(s)))))
+
+
+def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's log-spaced relative position buckets."""
+    out = torch.zeros_like(relative)
+    if bidirectional:
+        buckets //= 2
+        out += (relative > 0).long() * buckets
+        relative = relative.abs()
+    else:
+        relative = -torch.clamp(relative, max=0)
+    exact = buckets // 2
+    is_small = relative < exact
+    large = exact + (
+        torch.log(relative.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (buckets - exact)
+    ).long()
+    large = torch.clamp(large, max=buckets - 1)
+    return out + torch.where(is_small, relative, large)
+
+
+def additive_mask(mask: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """[B, L] bool -> [B, 1, Lq, L] additive float mask (0 keep, -inf-ish drop)."""
+    keep = mask[:, None, None, :]
+    if causal:
+        n = mask.shape[1]
+        keep = keep & torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()[None, None]
+    return torch.zeros(keep.shape, device=mask.device).masked_fill(~keep, torch.finfo(torch.float32).min)
+
+
+class SideStack(nn.Module):
+    """Down-projections, gates and thin blocks over one backbone stack's states."""
+
+    def __init__(self, cfg: SideConfig, layers: list[int], is_decoder: bool):
+        super().__init__()
+        self.cfg, self.layers, self.is_decoder = cfg, list(layers), is_decoder
+        self.t5 = cfg.family == "t5"
+        self.down_emb = nn.Linear(cfg.backbone_d, cfg.d)
+        self.ladders = nn.ModuleList(nn.Linear(cfg.backbone_d, cfg.d) for _ in layers)
+        self.gate_alpha = nn.Parameter(torch.zeros(len(layers)))
+        if self.t5:
+            self.blocks = nn.ModuleList(T5SideBlock(cfg, is_decoder) for _ in layers)
+            self.relative_bias = nn.Embedding(cfg.relative_buckets, cfg.num_heads)
+            self.final_norm = RMSNorm(cfg.d, cfg.norm_eps)
+        else:
+            self.blocks = nn.ModuleList(BertSideBlock(cfg) for _ in layers)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def position_bias(self, n: int, device: torch.device) -> torch.Tensor:
+        positions = torch.arange(n, device=device)
+        relative = positions[None, :] - positions[:, None]
+        buckets = relative_position_bucket(relative, not self.is_decoder, self.cfg.relative_buckets, self.cfg.relative_max_distance)
+        return self.relative_bias(buckets).permute(2, 0, 1)[None]  # [1, heads, n, n]
+
+    def forward(self, states, mask, context=None, context_mask=None):
+        """states [B, L, 1 + len(layers), D] (any float dtype); mask [B, L] bool."""
+        weight_dtype = self.down_emb.weight.dtype
+        s = self.down_emb(self.drop(states[:, :, 0].to(weight_dtype)))
+        self_bias = additive_mask(mask, causal=self.is_decoder)
+        if self.t5:
+            self_bias = self_bias + self.position_bias(mask.shape[1], mask.device)
+        cross_bias = additive_mask(context_mask) if context is not None else None
+        for j, block in enumerate(self.blocks):
+            mu = torch.sigmoid(self.gate_alpha[j] / self.cfg.gate_temperature)
+            s = mu * s + (1 - mu) * self.ladders[j](states[:, :, j + 1].to(weight_dtype))
+            s = block(s, self_bias, context, cross_bias)
+        if self.t5:
+            s = self.final_norm(s)
+        return self.drop(s)
+
+
+class LadderSideNetwork(nn.Module):
+    """The whole side network for either family, with save/load in safetensors."""
+
+    def __init__(self, cfg: SideConfig, lm_head: torch.Tensor | None = None):
+        super().__init__()
+        cfg.check()
+        self.cfg = cfg
+        self.encoder = SideStack(cfg, cfg.encoder_layers, is_decoder=False)
+        self.upsample = nn.Linear(cfg.d, cfg.backbone_d)
+        if cfg.family == "t5":
+            self.decoder = SideStack(cfg, cfg.decoder_layers, is_decoder=True)
+            if lm_head is None:
+                raise ValueError("a T5 side network needs the backbone's LM head")
+            self.register_buffer("lm_head", lm_head.detach().clone(), persistent=False)
+        else:
+            self.head_drop = nn.Dropout(cfg.dropout)
+            self.head = nn.Linear(cfg.backbone_d, cfg.num_labels)
+
+    # --- forward passes -------------------------------------------------------------------
+
+    def encode(self, enc_states: torch.Tensor, enc_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(enc_states, enc_mask)
+
+    def lm_logits(self, side_encoded, enc_mask, dec_states, dec_mask) -> torch.Tensor:
+        """T5: vocabulary logits [B, T, V] for teacher-forced decoder states."""
+        s = self.decoder(dec_states, dec_mask, side_encoded, enc_mask)
+        hidden = self.upsample(s) * self.cfg.lm_scale
+        return hidden @ self.lm_head.to(hidden.dtype).t()
+
+    def classify(self, side_encoded: torch.Tensor, enc_mask: torch.Tensor) -> torch.Tensor:
+        """Encoder family: pooled logits [B, num_labels]."""
+        hidden = self.upsample(side_encoded)
+        if self.cfg.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            weights = enc_mask.to(hidden.dtype).unsqueeze(-1)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return self.head(self.head_drop(pooled))
+
+    def loss(self, batch) -> torch.Tensor:
+        """Training loss of a `Batch` (see side_train.data)."""
+        encoded = self.encode(batch.enc_states, batch.enc_mask)
+        if self.cfg.family == "t5":
+            logits = self.lm_logits(encoded, batch.enc_mask, batch.dec_states, batch.dec_mask)
+            return F.cross_entropy(logits.float().flatten(0, 1), batch.dec_labels.flatten(), ignore_index=-100)
+        logits = self.classify(encoded, batch.enc_mask).float()
+        if self.cfg.label_kind == "regression":
+            return F.mse_loss(logits.squeeze(-1), batch.labels.float())
+        return F.cross_entropy(logits, batch.labels.long())
+
+    @torch.no_grad()
+    def predict_classes(self, batch) -> torch.Tensor:
+        """Encoder family: argmax class (or the regression value) per example."""
+        logits = self.classify(self.encode(batch.enc_states, batch.enc_mask), batch.enc_mask).float()
+        return logits.squeeze(-1) if self.cfg.label_kind == "regression" else logits.argmax(-1)
+
+    @torch.no_grad()
+    def score_candidates(self, batch) -> torch.Tensor:
+        """T5: summed log-probability of each candidate label sequence, [B, K]."""
+        encoded = self.encode(batch.enc_states, batch.enc_mask)
+        k = batch.cand_states.shape[0] // encoded.shape[0]
+        logits = self.lm_logits(
+            encoded.repeat_interleave(k, 0), batch.enc_mask.repeat_interleave(k, 0), batch.cand_states, batch.cand_mask
+        ).float()
+        logp = logits.log_softmax(-1)
+        labels = batch.cand_labels
+        token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (labels >= 0)
+        return token_logp.sum(-1).view(-1, k)
+
+    # --- parameters and files -------------------------------------------------------------
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def save_pretrained(self, folder: Path) -> None:
+        """side_config.json and model.safetensors (the frozen LM head is not saved)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, str(folder / "model.safetensors.tmp"))
+        (folder / "model.safetensors.tmp").replace(folder / "model.safetensors")
+        (folder / "side_config.json").write_text(json.dumps(self.cfg.to_json(), indent=1))
+
+    @classmethod
+    def from_pretrained(cls, folder: Path, lm_head: torch.Tensor | None = None) -> LadderSideNetwork:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / "side_config.json").is_file() or not (folder / "model.safetensors").is_file():
+            raise UserError(f"{folder} holds no side network (side_config.json and model.safetensors)")
+        cfg = SideConfig.from_json(json.loads((folder / "side_config.json").read_text()))
+        model = cls(cfg, lm_head)
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        return model
+
+
+def init_projections(model: LadderSideNetwork, std: float = 0.01) -> None:
+    """Ladders, embedding down-projections and the up-projection: N(0, std), bias 0 (reference)."""
+    stacks = [model.encoder] + ([model.decoder] if model.cfg.family == "t5" else [])
+    linears = [model.upsample] + [m for s in stacks for m in [s.down_emb, *s.ladders]]
+    for linear in linears:
+        nn.init.normal_(linear.weight, 0.0, std)
+        nn.init.zeros_(linear.bias)
+    for stack in stacks:
+        nn.init.zeros_(stack.gate_alpha)

@@ -1,0 +1,158 @@
+"""`python -m side_train.run`: train a ladder side network from a cache, or on the fly.
+
+    python -m side_train.run --cache ./cache --out runs/lst        # stream cached states
+    python -m side_train.run --cache ./cache --live --out runs/l   # same data, backbone live
+    python -m side_train.run --model t5-base --task rte --out r    # live, no cache
+
+The run folder gets config.json, metrics.jsonl, summary.json, side_model/ and
+best_side_model/ (safetensors + side_config.json), and checkpoint/ for resuming.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from shared.backbones import pick_device
+from shared.errors import UserError, cli_entry
+from side_train.recipe import (
+    add_side_arguments,
+    add_source_arguments,
+    backbone_parameters,
+    build_side_network,
+    importance_scores,
+    materialize,
+    open_sources,
+    side_config_for,
+)
+from side_train.train import TrainConfig, config_dict, train
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m side_train.run", description=__doc__.split("\n")[0])
+    add_source_arguments(p)
+    add_side_arguments(p)
+    g = p.add_argument_group("training")
+    g.add_argument("--out", default="runs/lst", help="run folder (resumed if it holds the same unfinished run)")
+    g.add_argument("--epochs", type=int, default=None, help="default: the task's (20 small, 10 large)")
+    g.add_argument("--max-steps", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=100)
+    g.add_argument("--eval-batch-size", type=int, default=100)
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--warmup-steps", type=int, default=500)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--clip", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eval", dest="eval_mode", default="candidates", choices=["candidates", "generate"],
+                   help="T5: score the label set (no backbone) or greedy-generate (live backbone)")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps too")
+    g.add_argument("--overwrite", action="store_true", help="replace a finished or different run in --out")
+    g.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "eval_batch_size", "reduction", "fisher_samples", "max_length", "max_target_length"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("epochs", "max_steps"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.lr <= 0 or args.warmup_steps < 0 or args.save_every < 0 or not 0 <= args.dropout < 1:
+        raise UserError("--lr must be positive, --warmup-steps and --save-every non-negative, --dropout in [0, 1)")
+    if args.live and not args.cache and args.model is None and args.task is None:
+        pass  # live on the embedded default
+    return args
+
+
+def prepare_run_dir(run_dir: Path, identity: dict, overwrite: bool) -> None:
+    """Refuse to clobber a finished or different run; allow resuming the same one."""
+    config_path = run_dir / "config.json"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file; choose a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        same = config_path.is_file() and json.loads(config_path.read_text()).get("identity") == identity
+        finished = (run_dir / "summary.json").is_file()
+        if overwrite:
+            shutil.rmtree(run_dir)
+        elif not config_path.is_file():
+            raise UserError(f"--out {run_dir} is a non-empty folder that is not a run; choose another --out")
+        elif not same:
+            raise UserError(f"--out {run_dir} holds a different run; choose another --out or pass --overwrite")
+        elif finished:
+            raise UserError(f"--out {run_dir} already holds this finished run (see summary.json); pass --overwrite to redo it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Everything `main` does, returning the summary (the Python API)."""
+    device = pick_device(args.device)
+    sources = open_sources(args, device)
+    if "train" not in sources.splits:
+        raise UserError("the data has no train split; extract it with --splits train,...")
+    side_cfg = side_config_for(sources.backbone, sources.spec, args)
+    epochs = args.epochs or sources.spec.epochs
+    train_cfg = TrainConfig(
+        epochs=epochs, max_steps=args.max_steps, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
+        eval_mode=args.eval_mode, save_every=args.save_every, quiet=args.quiet,
+    )
+    if args.eval_mode == "generate" and (sources.mode != "live" or side_cfg.family != "t5"):
+        raise UserError("--eval generate needs a T5 backbone run live (add --live, or drop --eval generate)")
+    run_dir = Path(args.out)
+    identity = {"side": side_cfg.to_json(), "train": config_dict(train_cfg), "init": args.init,
+                "model": sources.backbone.info().to_json(), "task": sources.spec.to_json(),
+                "cache": str(Path(args.cache).resolve()) if args.cache else None, "mode": sources.mode}
+    try:
+        prepare_run_dir(run_dir, identity, args.overwrite)
+        (run_dir / "probe").touch()
+        (run_dir / "probe").unlink()
+    except PermissionError:
+        raise UserError(f"cannot write to --out {run_dir}; choose a folder you can write to") from None
+    if not (run_dir / "config.json").is_file():
+        (run_dir / "config.json").write_text(json.dumps({"identity": identity, "argv": vars(args)}, indent=1, default=str))
+
+    scores = importance_scores(sources, args.init, args.cache, args.fisher_samples)
+    model = build_side_network(side_cfg, sources.backbone, args.init, scores, args.seed)
+    trainable, total = model.trainable_parameters(), backbone_parameters(sources.backbone)
+    data = materialize(sources, side_cfg, args.cache)
+    if sources.mode == "cache":
+        sources.backbone.model = None  # only the LM head (inside the side network) stays
+    evals = {s: data[s] for s in ("validation", "test") if s in data}
+    if not args.quiet:
+        print(f"side network: {trainable:,} trainable parameters, {100 * trainable / total:.3f}% of the "
+              f"{total:,}-parameter backbone; source: {sources.mode}; device: {device}", file=sys.stderr)
+    start = time.perf_counter()
+    summary = train(model, data["train"], evals, sources.spec, train_cfg, run_dir, device)
+    model.save_pretrained(run_dir / "side_model")
+    summary.update(trainable_parameters=trainable, backbone_parameters=total, trainable_share=trainable / total,
+                   source=sources.mode, device=str(device), wall_seconds=round(time.perf_counter() - start, 3),
+                   task=sources.spec.name, model=sources.backbone.name)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"trainable parameters: {summary['trainable_parameters']:,} ({100 * summary['trainable_share']:.3f}% of the backbone)",
+             f"peak memory: {summary['peak_memory_bytes'] / 2**20:,.1f} MiB ({summary['peak_memory_kind']})",
+             f"time: {summary['train_seconds']:.1f} s training, {summary['seconds_per_epoch']:.2f} s per epoch"]
+    for key, label in (("validation_best", "best validation"), ("test_at_best_validation", "test at best validation"),
+                       ("test_last", "test at last epoch")):
+        if summary.get(key):
+            metrics = ", ".join(f"{k} {v:.2f}" for k, v in summary[key].items() if k != "score")
+            lines.append(f"{label}: {metrics}")
+    return "\n".join(lines)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    summary = run(args)
+    print(format_summary(summary))
+    print(f"run folder: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
