@@ -2,8 +2,9 @@
 
 Walkthrough: load the task and the backbone -> plan each split (tokenize, sort by length,
 batch) -> create the Zarr arrays and the manifest -> for each batch, run the backbone under
-`torch.inference_mode` and hand the unpadded states to a writer thread, which writes whole
-shards and records progress -> compute importance scores -> mark the manifest complete.
+`torch.inference_mode`, round the unpadded states to bf16 straight into a shard buffer, and
+hand each full shard to a writer thread, which compresses and writes it while the next
+batches run and records progress -> compute importance scores -> mark the manifest complete.
 A killed run, rerun with the same command, resumes at the first shard not recorded.
 """
 
@@ -30,7 +31,6 @@ from shared.cache_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
-    bf16_bits,
     compressors,
     read_manifest,
     stack_geometry,
@@ -306,26 +306,26 @@ class Extraction:
 
     # --- the forward loop -----------------------------------------------------------------
 
-    def forward_batch(self, plan: SplitPlan, rows: range) -> dict[str, np.ndarray]:
-        """Run one batch; return each stack's unpadded states as bf16 bits in storage order."""
+    def forward_batch(self, plan: SplitPlan, rows: range) -> dict[str, torch.Tensor]:
+        """Run one batch; return each stack's unpadded states [tokens, layers, d] in storage order."""
         device = self.device
         sources = [plan.source_ids[i] for i in rows]
         ids, mask = pad(sources, device)
         types = pad([plan.token_type_ids[i] for i in rows], device)[0] if plan.token_type_ids is not None else None
         states, final = self.backbone.encode(ids, mask, types)
-        out = {"encoder": unpad(states[:, :, self.layers["encoder"]], mask)}
+        out = {"encoder": unpad(states, mask, self.layers["encoder"])}
         if self.backbone.family == "t5":
             targets = [plan.target_ids[i] for i in rows]
             dec_ids, dec_mask = pad([self.backbone.shift_right(t) for t in targets], device)
             dec_states = self.backbone.decode(dec_ids, dec_mask, final, mask)
-            out["decoder"] = unpad(dec_states[:, :, self.layers["decoder"]], dec_mask)
+            out["decoder"] = unpad(dec_states, dec_mask, self.layers["decoder"])
             if "candidates" in plan.offsets:
                 k = len(self.candidate_ids)
                 cand_ids, cand_mask = pad([self.backbone.shift_right(c) for c in self.candidate_ids] * len(rows), device)
                 cand_states = self.backbone.decode(
                     cand_ids, cand_mask, final.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
                 )
-                out["candidates"] = unpad(cand_states[:, :, self.layers["candidates"]], cand_mask)
+                out["candidates"] = unpad(cand_states, cand_mask, self.layers["candidates"])
         return out
 
     def run(self) -> Path:
@@ -356,6 +356,7 @@ class Extraction:
         import zarr
 
         split_meta = self.manifest["splits"][plan.name]
+        background = BackgroundWriter()
         writers: dict[str, StackWriter] = {}
         for stack, meta in split_meta["stacks"].items():
             array = zarr.open_array(str(folder / plan.name / stack / "hidden"), mode="r+")
@@ -364,7 +365,7 @@ class Extraction:
                 meta["shards_done"] = index + 1
                 write_json_atomic(folder / MANIFEST, self.manifest)
 
-            writers[stack] = StackWriter(array, meta["shard_tokens"], meta["num_tokens"], meta["shards_done"], on_shard)
+            writers[stack] = StackWriter(array, meta["shard_tokens"], meta["num_tokens"], meta["shards_done"], on_shard, background)
         # The first batch still needed by any stack: the one holding its first uncommitted token.
         first_batch = len(plan.batches)
         for stack, writer in writers.items():
@@ -373,18 +374,15 @@ class Extraction:
             sequence = int(np.searchsorted(plan.offsets[stack], writer.committed, side="right") - 1)
             example = sequence // len(self.candidate_ids) if stack == "candidates" else sequence
             first_batch = min(first_batch, example // self.args.batch_size)
-        background = BackgroundWriter()
         done_examples = plan.batches[first_batch].start if first_batch < len(plan.batches) else plan.num_examples
         bar = tqdm(total=plan.num_examples, initial=done_examples, desc=f"extract {plan.name}", unit="ex", disable=self.args.quiet, dynamic_ncols=True)
         tokens_done, t0 = 0, time.perf_counter()
         try:
             for rows in plan.batches[first_batch:]:
-                bits = self.forward_batch(plan, rows)
+                states = self.forward_batch(plan, rows)
                 for stack, writer in writers.items():
-                    offsets = plan.offsets[stack]
                     k = len(self.candidate_ids) if stack == "candidates" else 1
-                    first = int(offsets[rows.start * k])
-                    background.submit(lambda w=writer, f=first, b=bits[stack]: w.write(f, b))
+                    writer.write(int(plan.offsets[stack][rows.start * k]), states[stack])
                 tokens_done += int(plan.offsets["encoder"][rows.stop] - plan.offsets["encoder"][rows.start])
                 elapsed = time.perf_counter() - t0
                 written = sum(w.bytes_written for w in writers.values())
@@ -422,9 +420,12 @@ def pad(sequences: list[list[int]], device: torch.device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
-def unpad(states: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-    """[B, L, layers, d] -> bf16 bits [sum of lengths, layers, d], padding dropped."""
-    return bf16_bits(states[mask.bool()])
+def unpad(states: torch.Tensor, mask: torch.Tensor, layers: list[int]) -> torch.Tensor:
+    """[B, L, all layers, d] -> [sum of lengths, kept layers, d], padding dropped; a view when nothing is dropped."""
+    if layers != list(range(states.shape[2])):
+        states = states[:, :, layers]
+    flat, keep = states.flatten(0, 1), mask.flatten().bool()
+    return flat if bool(keep.all()) else flat[keep]
 
 
 @cli_entry

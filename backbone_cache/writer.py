@@ -2,8 +2,11 @@
 
 Each stack has one writer that owns every shard of its array and writes whole shards in
 order, so no two writes ever touch one shard (concurrent partial writes lose data in zarr).
-A shard counts as done only after zarr's atomic write returns; progress is then recorded
-in the manifest, so a killed run resumes from the first shard not recorded.
+The caller's thread rounds each batch to bfloat16 straight into a shard buffer (one pass,
+no extra copy); a full buffer goes to the background thread, which compresses and writes it
+while the caller fills the other buffer. A shard counts as done only after zarr's atomic
+write returns; progress is then recorded in the manifest, so a killed run resumes from the
+first shard not recorded.
 """
 
 from __future__ import annotations
@@ -13,54 +16,11 @@ import threading
 from collections.abc import Callable
 
 import numpy as np
-
-
-class StackWriter:
-    """Buffers a stack's tokens in storage order and writes them one whole shard at a time."""
-
-    def __init__(self, array, shard_tokens: int, total_tokens: int, shards_done: int, on_shard: Callable[[int], None]):
-        self.array = array
-        self.shard_tokens = shard_tokens
-        self.total_tokens = total_tokens
-        self.committed = min(shards_done * shard_tokens, total_tokens)  # tokens safely on disk
-        self.on_shard = on_shard
-        self.buffer = np.empty((min(shard_tokens, max(total_tokens, 1)), *array.shape[1:]), dtype=np.uint16)
-        self.fill = 0
-        self.bytes_written = 0
-
-    @property
-    def done(self) -> bool:
-        return self.committed >= self.total_tokens
-
-    def write(self, first_token: int, bits: np.ndarray) -> None:
-        """Accept tokens [first_token, first_token + len(bits)); tokens already committed are skipped."""
-        position = self.committed + self.fill
-        skip = position - first_token
-        if skip >= len(bits):
-            return
-        if skip < 0:
-            raise RuntimeError(f"writer gap: expected token {position}, got {first_token}")
-        bits = bits[skip:]
-        while len(bits):
-            shard_end = min(self.committed + self.shard_tokens, self.total_tokens)
-            take = min(len(bits), shard_end - self.committed - self.fill)
-            self.buffer[self.fill : self.fill + take] = bits[:take]
-            self.fill += take
-            bits = bits[take:]
-            if self.committed + self.fill == shard_end:
-                self._flush()
-
-    def _flush(self) -> None:
-        stop = self.committed + self.fill
-        self.array[self.committed : stop] = self.buffer[: self.fill]
-        self.bytes_written += self.buffer[: self.fill].nbytes
-        shard_index = self.committed // self.shard_tokens
-        self.committed, self.fill = stop, 0
-        self.on_shard(shard_index)
+import torch
 
 
 class BackgroundWriter:
-    """Runs writes on one thread so the next forward pass overlaps compression and I/O."""
+    """Runs jobs in order on one thread so the next forward pass overlaps compression and I/O."""
 
     def __init__(self, max_pending: int = 2):
         self.jobs: queue.Queue = queue.Queue(maxsize=max_pending)
@@ -91,3 +51,93 @@ class BackgroundWriter:
     def _raise(self) -> None:
         if self.error is not None:
             raise self.error
+
+
+class StackWriter:
+    """Buffers a stack's tokens in storage order and writes them one whole shard at a time.
+
+    `write` runs on the caller's thread; shard writes run on `background` when given (two
+    buffers, so at most one shard is in flight), else inline.
+    """
+
+    def __init__(
+        self,
+        array,
+        shard_tokens: int,
+        total_tokens: int,
+        shards_done: int,
+        on_shard: Callable[[int], None],
+        background: BackgroundWriter | None = None,
+    ):
+        self.array = array
+        self.shard_tokens = shard_tokens
+        self.total_tokens = total_tokens
+        self.committed = min(shards_done * shard_tokens, total_tokens)  # tokens safely on disk
+        self.on_shard = on_shard
+        self.background = background
+        self.start = self.committed  # first token of the shard being filled
+        self.fill = 0
+        self.bytes_written = 0
+        shape = (min(shard_tokens, max(total_tokens, 1)), *array.shape[1:])
+        self.free: queue.Queue = queue.Queue()  # buffers not being written
+        for _ in range(2 if background is not None else 1):
+            self.free.put(np.empty(shape, dtype=np.uint16))
+        self.buffer: np.ndarray | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.committed >= self.total_tokens
+
+    def write(self, first_token: int, states: torch.Tensor | np.ndarray) -> None:
+        """Accept tokens [first_token, first_token + len(states)); tokens already taken are skipped.
+
+        `states` is a float tensor [tokens, layers, d] on any device (rounded to bfloat16 here)
+        or bfloat16 bits as a uint16 array.
+        """
+        position = self.start + self.fill
+        skip = position - first_token
+        if skip >= len(states):
+            return
+        if skip < 0:
+            raise RuntimeError(f"writer gap: expected token {position}, got {first_token}")
+        states = states[skip:]
+        while len(states):
+            if self.buffer is None:
+                self.buffer = self._take_buffer()
+            shard_end = min(self.start + self.shard_tokens, self.total_tokens)
+            take = min(len(states), shard_end - self.start - self.fill)
+            target = self.buffer[self.fill : self.fill + take]
+            if isinstance(states, np.ndarray):
+                target[...] = states[:take]
+            else:  # one pass: gather from the device and round to bfloat16 into the shard buffer
+                torch.from_numpy(target.view(np.int16)).view(torch.bfloat16).copy_(states[:take])
+            self.fill += take
+            states = states[take:]
+            if self.start + self.fill == shard_end:
+                self._hand_off()
+
+    def _take_buffer(self) -> np.ndarray:
+        while True:  # wait for a buffer; stop waiting if the background write failed
+            try:
+                return self.free.get(timeout=0.5)
+            except queue.Empty:
+                if self.background is not None:
+                    self.background._raise()
+
+    def _hand_off(self) -> None:
+        buffer, start, count = self.buffer, self.start, self.fill
+        self.buffer, self.start, self.fill = None, start + count, 0
+        job = lambda: self._flush(buffer, start, count)  # noqa: E731
+        if self.background is None:
+            job()
+        else:
+            self.background.submit(job)
+
+    def _flush(self, buffer: np.ndarray, start: int, count: int) -> None:
+        try:
+            self.array[start : start + count] = buffer[:count]
+        finally:
+            self.free.put(buffer)
+        self.bytes_written += count * buffer[0].nbytes
+        self.committed = start + count
+        self.on_shard(start // self.shard_tokens)

@@ -174,7 +174,7 @@ def importance_scores(sources: Sources, init: str, cache: str | None, fisher_sam
         return None
     if init == "magnitude":
         return magnitude_scores(dict(sources.backbone.model.state_dict()))
-    if sources.mode == "cache":
+    if sources.manifest is not None:  # cached, or --cache --live: the cache's scores, so both init alike
         meta = sources.manifest.get("importance")
         if not meta or meta.get("kind") != "fisher":
             raise UserError(f"cache {cache} holds no Fisher importance; extract with --importance fisher or use --init magnitude")

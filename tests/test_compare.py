@@ -1,0 +1,206 @@
+"""side_train.compare, .baselines and .memory: the accounting, the method sizes, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import needs_minilm
+from torch import nn
+
+from side_train import compare as C
+from side_train.baselines import build_baseline
+from side_train.memory import SavedTensorCounter, account, parameter_count, storage_bytes
+
+BATCH, LENGTH = 3, 12
+
+
+def setup(model: str, *extra: str):
+    args = C.parse_args(["--model", model, "--task", "synthetic", "--batch-size", str(BATCH), "--max-length", str(LENGTH), *extra])
+    reference = C.fresh_backbone(args, torch.device("meta"))
+    spec, plans = C.synthetic_plans(reference, LENGTH, BATCH, 0)
+    return args, spec, C.token_batch(plans["train"], np.arange(BATCH), reference)
+
+
+def measure(method: str, args, spec, batch, device: str, watch: bool = False):
+    prepared = C.prepare(method, args, spec, torch.device(device))
+    memory, counter = C.measure_memory(prepared, batch.to(torch.device(device)), watch_backbone=watch)
+    return prepared, memory, counter
+
+
+# --- the counter itself ---------------------------------------------------------------------
+
+
+def test_counter_counts_each_storage_once_and_skips_parameters_and_inputs():
+    linear = nn.Linear(8, 4)
+    x = torch.randn(5, 8)
+    with SavedTensorCounter() as everything:
+        linear(x)
+    assert everything.saved_bytes == x.nbytes  # the input, for the weight gradient
+    with SavedTensorCounter() as everything:
+        linear(x.clone().requires_grad_(True))
+    assert everything.saved_bytes == x.nbytes + linear.weight.nbytes  # and the weight, for the input gradient
+    with SavedTensorCounter(exclude=[*linear.parameters(), x]) as counter:
+        y = linear(x)  # saves x (an input) and the weight (a parameter): neither counted here
+        z = (y * y[1:2]).sum()  # saves y and a view of it: one storage
+    assert counter.saved_bytes == y.nbytes and len(counter.saved) == 1
+    z.backward()
+    memory = account(linear, [x], counter)
+    assert memory.parameter_bytes == (8 * 4 + 4) * 4
+    assert memory.gradient_bytes == memory.parameter_bytes and memory.optimizer_bytes == 2 * memory.parameter_bytes
+    assert memory.total_bytes == 4 * memory.parameter_bytes + y.nbytes + x.nbytes
+
+
+def test_counter_sees_nothing_under_inference_mode():
+    linear = nn.Linear(8, 4)
+    with SavedTensorCounter() as counter, torch.inference_mode():
+        linear(torch.randn(5, 8))
+    assert counter.saved_bytes == 0
+
+
+# --- meta accounting is the real accounting ---------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["tiny_t5", pytest.param("minilm", marks=needs_minilm)])
+def test_meta_device_counts_the_same_bytes_as_a_cpu_step(model, request):
+    if model == "minilm":
+        from shared.backbones import default_model_dir
+
+        path = str(default_model_dir())
+    else:
+        path = str(request.getfixturevalue("tiny_t5"))
+    args, spec, batch = setup(path)
+    for method in C.METHODS:
+        _, cpu, _ = measure(method, args, spec, batch, "cpu")
+        _, meta, _ = measure(method, args, spec, batch, "meta")
+        if method == "prompt":
+            # peft moves the [1, tokens] prompt index to the device and expands it over the batch:
+            # a no-op view on the CPU, a [batch, tokens] int64 copy on any other device.
+            assert meta.saved_bytes - cpu.saved_bytes == (BATCH - 1) * args.prompt_tokens * 8
+            meta.saved_bytes = cpu.saved_bytes
+        assert cpu == meta, method
+
+
+# --- what the LST methods hold and save -----------------------------------------------------------
+
+
+def test_lst_live_saves_no_backbone_activation(tiny_t5):
+    args, spec, batch = setup(str(tiny_t5))
+    prepared, live, counter = measure("lst-live", args, spec, batch, "cpu", watch=True)
+    assert counter.watched_outputs, "the backbone ran under the watch"
+    assert counter.saves_inside_watched == 0
+    assert not set(counter.saved) & counter.watched_outputs
+    # the ladder inputs are saved by the side network: same bytes as when the states come from a cache
+    _, cached, _ = measure("lst-cached", args, spec, batch, "cpu")
+    assert live.saved_bytes == cached.saved_bytes > 0
+    # the check has teeth: fine-tuning the backbone saves inside it
+    _, _, full = measure("full", args, spec, batch, "cpu", watch=True)
+    assert full.saves_inside_watched > 0 and set(full.saved) & full.watched_outputs
+
+
+def test_lst_cached_holds_no_backbone_parameter(tiny_t5):
+    args, spec, batch = setup(str(tiny_t5))
+    prepared, memory, _ = measure("lst-cached", args, spec, batch, "cpu")
+    side = prepared.module
+    assert prepared.frozen is None
+    from transformers import PreTrainedModel
+
+    assert not any(isinstance(m, PreTrainedModel) for m in side.modules())
+    lm_head = side.lm_head
+    assert memory.parameter_bytes == sum(p.nbytes for p in side.parameters()) + lm_head.nbytes
+    assert memory.gradient_bytes == sum(p.nbytes for p in side.parameters())
+    backbone = C.fresh_backbone(args, torch.device("cpu"))
+    assert not set(storage_bytes(backbone.model.parameters())) & set(storage_bytes(side.parameters()))
+    live, live_memory, _ = measure("lst-live", args, spec, batch, "cpu")
+    backbone_bytes = sum(p.nbytes for p in {id(p): p for p in backbone.model.parameters()}.values())
+    assert live_memory.parameter_bytes - memory.parameter_bytes == backbone_bytes + sum(b.nbytes for b in backbone.model.buffers())
+    assert live_memory.total_bytes > memory.total_bytes
+
+
+# --- sizes match the paper on a T5-base-shaped model ----------------------------------------------
+
+
+def t5_base_on_meta():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=30522, d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12,
+                      decoder_start_token_id=0, pad_token_id=0)
+    with torch.device("meta"):
+        return T5ForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("method, expected", [
+    ("adapter", 48 * (2 * 768 * 48 + 48 + 768) + 62 * 768),  # 2 adapters x 24 blocks, plus 62 layer norms
+    ("lora", 72 * 32 * (768 + 768)),  # q and v of 12 + 24 attentions, rank 32
+    ("bitfit", 12 * (5 * 768 + 3072) + 12 * (9 * 768 + 3072) + 30522 + 62 * 768),  # biases on every linear + layer norms
+    ("prompt", 100 * 768),
+])
+def test_baseline_sizes_match_the_paper_on_t5_base(method, expected):
+    model = t5_base_on_meta()
+    total = parameter_count(model)
+    trainable = parameter_count(build_baseline(method, model, "t5", 768, 2, "class"), trainable_only=True)
+    assert trainable == expected
+    paper = {"adapter": 1.63, "lora": 1.71, "bitfit": 0.13, "prompt": 0.03}[method]
+    assert abs(100 * trainable / total - paper) < 0.15
+
+
+def test_adapters_start_as_the_identity(tiny_t5):
+    args, spec, batch = setup(str(tiny_t5))
+    plain = C.fresh_backbone(args, torch.device("cpu")).model.eval()
+    adapted = build_baseline("adapter", C.fresh_backbone(args, torch.device("cpu")).model, "t5", 64, 2, "class").eval()
+    kwargs = {"input_ids": batch.input_ids, "decoder_input_ids": batch.decoder_input_ids}
+    torch.testing.assert_close(adapted.model(**kwargs).logits, plain(**kwargs).logits)
+
+
+# --- the CLI --------------------------------------------------------------------------------------
+
+
+def test_cli_writes_table_csv_json_and_plot(tiny_t5, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    status = C.main(["--model", str(tiny_t5), "--task", "synthetic", "--batch-size", "2", "--max-length", "8",
+                     "--time-steps", "1", "--out", str(out), "--quiet"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "| Full fine-tuning | 100.000 |" in printed and "LST (from cache)" in printed
+    rows = list(csv.DictReader(open(out / "compare.csv")))
+    assert [r["method"] for r in rows] == list(C.METHODS)
+    by = {r["method"]: r for r in rows}
+    assert float(by["full"]["memory_vs_full"]) == 1.0
+    assert int(by["lst-cached"]["total_bytes"]) < int(by["lst-live"]["total_bytes"]) < int(by["full"]["total_bytes"])
+    assert all(float(r["seconds_per_step"]) > 0 for r in rows)
+    settings = json.loads((out / "compare.json").read_text())["settings"]
+    assert settings["source_tokens"] == 8 and settings["batch_size"] == 2
+    assert (out / "compare.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--methods", "full,dora"], "unknown method 'dora'"),
+    (["--task", "synthetic", "--train-steps", "5"], "synthetic"),
+    (["--memory-on", "meta"], "--memory-on meta"),
+    (["--lr", "lora:1e-3"], "--lr"),
+    (["--batch-size", "0"], "--batch-size"),
+])
+def test_cli_bad_input_is_one_line(argv, needle, capsys):
+    assert C.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_equal_budget_training_live_and_cached_agree(tiny_t5, tmp_path):
+    """A short run from the cache and one with the backbone live see the same states and rows."""
+    out = tmp_path / "train"
+    status = C.main(["--model", str(tiny_t5), "--task", "rotten_tomatoes", "--limit", "24", "--batch-size", "8", "--max-length", "16",
+                     "--methods", "bitfit,lst-live,lst-cached", "--time-steps", "0", "--train-steps", "3", "--lst-init", "magnitude",
+                     "--out", str(out), "--quiet"])
+    assert status == 0
+    rows = {r["method"]: r for r in csv.DictReader(open(out / "compare.csv"))}
+    assert (out / "cache" / "manifest.json").is_file() or any((out / "cache").iterdir())
+    for method in rows:
+        assert 0 <= float(rows[method]["test_score"]) <= 100
+    live, cached = rows["lst-live"], rows["lst-cached"]
+    # the cache's states come from differently padded batches; bf16 rounding may differ in a few elements
+    assert float(live["train_loss_last"]) == pytest.approx(float(cached["train_loss_last"]), rel=1e-2)
+    assert float(live["test_score"]) == pytest.approx(float(cached["test_score"]), abs=100 / 24 * 2 + 1e-6)

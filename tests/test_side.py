@@ -1,0 +1,182 @@
+"""Phase 2: the side network, its init, and the central guarantee (cached == live)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_one_line_error, needs_minilm, run_cli
+
+from side_train.model import LadderSideNetwork, SideConfig, side_layers
+from side_train.run import parse_args, run
+
+
+def losses(run_dir: Path) -> list[float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if r["type"] == "train"]
+
+
+def t5_base_side_config(layers: list[int]) -> SideConfig:
+    return SideConfig(family="t5", backbone_d=768, backbone_d_ff=3072, backbone_d_kv=64, num_heads=12,
+                      num_backbone_layers=12, num_backbone_decoder_layers=12, reduction=8,
+                      encoder_layers=layers, decoder_layers=layers, vocab_size=32128)
+
+
+def test_parameter_count_matches_the_reference():
+    """T5-base, r = 8, 9 side layers: 3.88M trainable, 1.74% of the 222,882,048-parameter backbone."""
+    layers = side_layers(12, drop=3)
+    assert layers == [1, 2, 3, 5, 6, 7, 9, 10, 11]
+    model = LadderSideNetwork(t5_base_side_config(layers), lm_head=torch.zeros(32128, 768))
+    n = model.trainable_parameters()
+    # the reference counts 24 gate scalars (one per backbone layer, 6 unused); we keep one per side layer
+    assert n == 3_878_712 - 6
+    assert round(n / 1e6, 2) == 3.88 and round(100 * n / 222_882_048, 2) == 1.74
+    assert model.lm_head.requires_grad is False and "lm_head" not in dict(model.named_parameters())
+    all_layers = LadderSideNetwork(t5_base_side_config(list(range(12))), lm_head=torch.zeros(32128, 768))
+    assert round(all_layers.trainable_parameters() / 1e6, 2) == 5.10  # notes §1.9: all 12 layers
+
+
+def test_layer_dropping_matches_the_reference_lists():
+    assert side_layers(24, drop=12) == list(range(1, 24, 2))
+    assert side_layers(24, drop=23) == [23]
+    assert side_layers(12, drop=6) == [1, 3, 5, 7, 9, 11]
+    assert side_layers(12, explicit=[11, 3, 7]) == [3, 7, 11]
+
+
+def _args(*extra: str):
+    return parse_args(["--quiet", "--warmup-steps", "2", "--batch-size", "8", "--eval-batch-size", "16", *extra])
+
+
+def test_cached_and_live_runs_give_the_same_losses(t5_cache, tmp_path):
+    cached = run(_args("--cache", str(t5_cache), "--out", str(tmp_path / "cached"), "--epochs", "2", "--init", "fisher"))
+    live = run(_args("--cache", str(t5_cache), "--live", "--out", str(tmp_path / "live"), "--epochs", "2", "--init", "fisher"))
+    a, b = losses(tmp_path / "cached"), losses(tmp_path / "live")
+    assert len(a) == len(b) == 10
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+    assert cached["source"] == "cache" and live["source"] == "live"
+    assert cached["test_last"]["accuracy"] == pytest.approx(live["test_last"]["accuracy"], abs=5.0)
+
+
+@needs_minilm
+def test_cached_and_live_runs_agree_on_minilm(minilm_cache, tmp_path):
+    run(_args("--cache", str(minilm_cache), "--out", str(tmp_path / "cached"), "--max-steps", "6", "--init", "magnitude"))
+    run(_args("--cache", str(minilm_cache), "--live", "--out", str(tmp_path / "live"), "--max-steps", "6", "--init", "magnitude"))
+    np.testing.assert_allclose(losses(tmp_path / "cached"), losses(tmp_path / "live"), rtol=1e-4)
+
+
+def test_no_backbone_parameter_gets_a_gradient_or_changes(tiny_t5, tmp_path, monkeypatch):
+    import side_train.recipe as recipe
+
+    seen = {}
+    original = recipe.build_side_network
+
+    def spy(cfg, backbone, init, scores, seed):
+        seen["backbone"] = backbone
+        seen["before"] = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+        return original(cfg, backbone, init, scores, seed)
+
+    monkeypatch.setattr("side_train.run.build_side_network", spy)
+    run(_args("--model", str(tiny_t5), "--out", str(tmp_path / "r"), "--limit", "24", "--max-steps", "3", "--init", "magnitude"))
+    model = seen["backbone"].model
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    after = model.state_dict()
+    assert all(torch.equal(seen["before"][k], after[k]) for k in after)
+
+
+def test_pruned_init_equals_slices_of_the_backbone(tiny_t5):
+    from backbone_cache.importance import magnitude_importance, row_scores
+    from shared.backbones import load_backbone
+    from side_train.prune import init_t5_from_backbone
+
+    backbone = load_backbone(str(tiny_t5), torch.device("cpu"))
+    state = backbone.model.state_dict()
+    cfg = SideConfig(family="t5", backbone_d=64, backbone_d_ff=128, backbone_d_kv=16, num_heads=4, num_backbone_layers=3,
+                     num_backbone_decoder_layers=3, reduction=4, encoder_layers=[1, 2], decoder_layers=[0, 2], vocab_size=30522)
+    side = LadderSideNetwork(cfg, lm_head=state["lm_head.weight"])
+    kept = init_t5_from_backbone(side, state, row_scores(backbone.model, magnitude_importance(backbone.model)))
+    # encoder block 1 -> side block 0
+    K, K_att = kept["encoder.1"]["self"]
+    block = side.encoder.blocks[0]
+    assert len(K) == 16 and len(K_att) == 16 and torch.all(K[1:] > K[:-1])
+    torch.testing.assert_close(block.self_attn.q.weight, state["encoder.block.1.layer.0.SelfAttention.q.weight"][K_att][:, K], rtol=0, atol=0)
+    torch.testing.assert_close(block.self_norm.weight, state["encoder.block.1.layer.0.layer_norm.weight"][K], rtol=0, atol=0)
+    K_in, K_ff, K_out = kept["encoder.1"]["ff"]
+    torch.testing.assert_close(block.wi.weight, state["encoder.block.1.layer.1.DenseReluDense.wi.weight"][K_ff][:, K_in], rtol=0, atol=0)
+    torch.testing.assert_close(block.wo.weight, state["encoder.block.1.layer.1.DenseReluDense.wo.weight"][K_out][:, K_ff], rtol=0, atol=0)
+    # the chain: the rows kept by block 1's wo are block 2's input columns
+    assert torch.equal(kept["encoder.2"]["self"][0], K_out)
+    # magnitude ranking: kept wo rows are the top-L1 rows
+    wo = state["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
+    assert set(K_out.tolist()) == set(torch.topk(wo.abs().sum(1), 16).indices.tolist())
+    # decoder block 2 -> side block 1, with cross-attention sliced by the decoder residual
+    K_cross, K_catt = kept["decoder.2"]["cross"]
+    dec = side.decoder.blocks[1]
+    torch.testing.assert_close(dec.cross_attn.k.weight, state["decoder.block.2.layer.1.EncDecAttention.k.weight"][K_catt][:, K_cross], rtol=0, atol=0)
+    torch.testing.assert_close(side.encoder.relative_bias.weight, state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"])
+
+
+def test_candidate_scoring_agrees_with_greedy_generation(tiny_t5, tmp_path):
+    from side_train.evaluate import predict
+    from side_train.recipe import materialize, open_sources
+
+    args = _args("--model", str(tiny_t5), "--out", str(tmp_path / "r"), "--limit", "48", "--epochs", "6", "--lr", "1e-2",
+                 "--init", "magnitude")
+    run(args)
+    sources = open_sources(args, torch.device("cpu"))
+    model = LadderSideNetwork.from_pretrained(tmp_path / "r" / "side_model", sources.backbone.lm_head()[0])
+    test = materialize(sources, model.cfg, None)["test"]
+    scored = predict(model, test, sources.spec, torch.device("cpu"), 16, "candidates")
+    generated = predict(model, test, sources.spec, torch.device("cpu"), 16, "generate")
+    valid = generated >= 0
+    assert valid.mean() >= 0.9, "greedy outputs should be labels after training"
+    assert np.array_equal(scored[valid], generated[valid])
+
+
+def test_save_and_load_round_trip(t5_cache, tmp_path):
+    run(_args("--cache", str(t5_cache), "--out", str(tmp_path / "r"), "--max-steps", "2"))
+    folder = tmp_path / "r" / "side_model"
+    cfg = json.loads((folder / "side_config.json").read_text())
+    assert cfg["reduction"] == 8 and cfg["family"] == "t5"
+    lm_head = torch.randn(30522, 64)
+    a = LadderSideNetwork.from_pretrained(folder, lm_head)
+    b = LadderSideNetwork.from_pretrained(folder, lm_head)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert {"trainable_parameters", "trainable_share", "peak_memory_bytes", "test_last", "test_at_best_validation",
+            "validation_best", "train_seconds"} <= summary.keys()
+
+
+def test_run_folder_is_not_clobbered(t5_cache, tmp_path):
+    out = tmp_path / "r"
+    run_cli("side_train.run", "--cache", str(t5_cache), "--out", str(out), "--max-steps", "1", "--quiet")
+    before = (out / "summary.json").read_text()
+    again = run_cli("side_train.run", "--cache", str(t5_cache), "--out", str(out), "--max-steps", "1", "--quiet", check=False)
+    assert_one_line_error(again, "already holds this finished run")
+    other = run_cli("side_train.run", "--cache", str(t5_cache), "--out", str(out), "--max-steps", "2", "--quiet", check=False)
+    assert_one_line_error(other, "holds a different run")
+    assert (out / "summary.json").read_text() == before
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--reduction", "3"], "does not divide"),
+        (["--model", "bert-base-uncased"], "was built from model"),
+        (["--side-layers", "0,7"], "side layers"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+    ],
+)
+def test_bad_training_input_is_one_line(t5_cache, tmp_path, extra, needle):
+    proc = run_cli("side_train.run", "--cache", str(t5_cache), "--out", str(tmp_path / "r"), "--quiet", *extra, check=False)
+    assert_one_line_error(proc, needle)
+
+
+def test_missing_split_is_reported(tiny_t5, tmp_path):
+    cache = tmp_path / "c"
+    run_cli("backbone_cache.extract", "--model", str(tiny_t5), "--out", str(cache), "--limit", "6", "--splits", "validation",
+            "--importance", "none", "--quiet")
+    proc = run_cli("side_train.run", "--cache", str(cache), "--out", str(tmp_path / "r"), "--init", "magnitude", check=False)
+    assert_one_line_error(proc, "no train split")
