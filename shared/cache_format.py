@@ -56,12 +56,13 @@ def compressors(codec: str) -> list:
     """The zarr v3 bytes-to-bytes codecs for a codec name."""
     import zarr.codecs
 
+    checksum = zarr.codecs.Crc32cCodec()  # every inner chunk carries a CRC32C, checked on every read
     if codec == "none":
-        return []
+        return [checksum]
     if codec == "zstd1":
-        return [zarr.codecs.ZstdCodec(level=1)]
+        return [zarr.codecs.ZstdCodec(level=1), checksum]
     if codec == "blosc-zstd":
-        return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2)]
+        return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2), checksum]
     raise UserError(f"unknown --codec {codec!r}; choose one of {', '.join(CODECS)}")
 
 
@@ -120,12 +121,43 @@ def read_manifest(cache_dir: Path) -> dict:
     return manifest
 
 
-def open_complete(cache_dir: Path) -> dict:
-    """The manifest of a complete cache; an unfinished one is a user error."""
+def open_complete(cache_dir: Path, check: bool = True) -> dict:
+    """The manifest of a complete cache, after the cheap file checks; an unfinished one is a user error."""
     manifest = read_manifest(cache_dir)
     if not manifest.get("complete"):
         raise UserError(f"cache {cache_dir} is incomplete; rerun the extract command that made it to finish it")
+    if check:
+        check_files(Path(cache_dir), manifest)
     return manifest
+
+
+def shard_path(cache_dir: Path, split: str, stack: str, index: int) -> Path:
+    """The file of shard `index` of a stack's `hidden` array (zarr v3 default chunk keys)."""
+    return Path(cache_dir) / safe_name(split, "split") / safe_name(stack, "stack") / "hidden" / "c" / str(index) / "0" / "0"
+
+
+def check_files(cache_dir: Path, manifest: dict) -> None:
+    """Cheap checks at open: every shard file is present and non-empty, and offsets add up.
+
+    zarr reads a missing shard as zeros, so absence must be caught here; altered or
+    truncated shards fail their CRC32C when read.
+    """
+    import zarr
+
+    for split, split_meta in manifest["splits"].items():
+        for stack, meta in split_meta["stacks"].items():
+            for index in range(meta["num_shards"]):
+                path = shard_path(cache_dir, split, stack, index)
+                if not path.is_file() or path.stat().st_size == 0:
+                    raise UserError(f"cache {cache_dir} is missing shard {index} of {split}/{stack}; "
+                                    "rerun the extract command to repair it, or rebuild with --overwrite")
+            group = zarr.open_group(str(Path(cache_dir) / split / stack), mode="r")
+            offsets = group["offsets"][:]
+            ok = (len(offsets) == meta["num_sequences"] + 1 and offsets[0] == 0 and offsets[-1] == meta["num_tokens"]
+                  and bool(np.all(np.diff(offsets) > 0)) and group["hidden"].shape[0] == meta["num_tokens"]
+                  and group["input_ids"].shape[0] == meta["num_tokens"])
+            if not ok:
+                raise UserError(f"cache {cache_dir}: {split}/{stack} offsets do not match its arrays; the cache is damaged, rebuild it")
 
 
 # --- readers ------------------------------------------------------------------------------
@@ -154,9 +186,15 @@ class StackReader:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def read_tokens(self, start: int, stop: int) -> np.ndarray:
-        """uint16 bf16 bits [stop - start, layers, d]."""
-        return self.hidden[start:stop]
+    def read_tokens(self, start: int, stop: int, layers: slice | None = None) -> np.ndarray:
+        """uint16 bf16 bits [stop - start, layers, d]; a failed checksum is a user error."""
+        try:
+            return self.hidden[start:stop] if layers is None else self.hidden[start:stop, layers]
+        except ValueError as err:
+            if "checksum" not in str(err):
+                raise
+            raise UserError(f"cache shard data in {self.path} failed its checksum (tokens {start}:{stop}); "
+                            "the cache is damaged: run `python -m backbone_cache.verify` and rebuild it") from None
 
     def read_sequence(self, index: int) -> np.ndarray:
         return self.read_tokens(int(self.offsets[index]), int(self.offsets[index + 1]))

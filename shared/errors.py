@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import sys
 from collections.abc import Callable
 
@@ -21,6 +22,7 @@ def cli_entry(main: Callable[[list[str] | None], int | None]) -> Callable[[list[
             return int(main(argv) or 0)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
+            logging.getLogger("asyncio").disabled = True  # zarr's abandoned read tasks would log at exit
             return 2
         except KeyboardInterrupt:
             print("error: interrupted; rerun the same command to resume", file=sys.stderr)
@@ -30,6 +32,7 @@ def cli_entry(main: Callable[[list[str] | None], int | None]) -> Callable[[list[
                 errno.ENOSPC: "the disk is full; free space and rerun the same command to resume",
                 errno.EDQUOT: "the disk quota is exceeded; free space and rerun the same command to resume",
                 errno.EACCES: "permission denied; choose a folder you can write to",
+                errno.EPERM: "operation not permitted; choose a folder you can write to",
                 errno.EROFS: "the file system is read-only; choose a writable folder",
             }.get(err.errno)
             if hint is None:

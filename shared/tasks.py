@@ -212,9 +212,15 @@ def load_local(
                 f"the {split} file {files[split]} has no column {missing[0]!r} "
                 f"(it has {sorted(rows[0])}); fix --text-fields/--label-field"
             )
+        for i, row in enumerate(rows):
+            if row.get(label_field) in (None, ""):
+                raise UserError(f"row {i} of {files[split]} has no label in {label_field!r}; fill it or drop the row")
+            for f in text_fields:
+                if row.get(f) is None:
+                    raise UserError(f"row {i} of {files[split]} has no text in {f!r}; fill it or drop the row")
     label_names: list[str] = []
     if label_kind == "class":
-        label_names = sorted({str(r[label_field]) for r in tables["train"] if r[label_field] not in (None, "")})
+        label_names = sorted({str(r[label_field]) for r in tables["train"]})
         if len(label_names) < 2:
             raise UserError(f"the training file has fewer than two distinct labels in {label_field!r}; check --label-field")
     label_index = {name: i for i, name in enumerate(label_names)}
@@ -223,8 +229,6 @@ def load_local(
         examples = []
         for i, row in enumerate(rows):
             value = row[label_field]
-            if value is None or value == "":
-                raise UserError(f"row {i} of {files[split]} has no label in {label_field!r}; fill it or drop the row")
             if label_kind == "class":
                 if str(value) not in label_index:
                     raise UserError(
@@ -237,12 +241,7 @@ def load_local(
                     label = float(value)
                 except ValueError:
                     raise UserError(f"row {i} of {files[split]} has a non-numeric label {value!r}") from None
-            texts = []
-            for f in text_fields:
-                if row[f] is None:
-                    raise UserError(f"row {i} of {files[split]} has no text in {f!r}; fill it or drop the row")
-                texts.append(str(row[f]))
-            examples.append(Example(f"{split}-{i}", texts, label))
+            examples.append(Example(f"{split}-{i}", [str(row[f]) for f in text_fields], label))
         splits[split] = examples
     keys = [f"{f}:" for f in text_fields]
     metrics = ["pearson", "spearman"] if label_kind == "regression" else ["accuracy"]

@@ -132,9 +132,9 @@ def load_layers(reader: StackReader, positions: list[int]) -> torch.Tensor:
     for start in range(0, total, step):
         stop = min(start + step, total)
         if contiguous:
-            bits = reader.hidden[start:stop, positions[0] : positions[-1] + 1]
+            bits = reader.read_tokens(start, stop, slice(positions[0], positions[-1] + 1))
         else:
-            bits = reader.hidden[start:stop][:, positions]
+            bits = reader.read_tokens(start, stop)[:, positions]
         out[start:stop] = from_bf16_bits(bits)
     return out
 

@@ -72,17 +72,31 @@ def prepare_run_dir(run_dir: Path, identity: dict, overwrite: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file; choose a folder")
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        same = config_path.is_file() and json.loads(config_path.read_text()).get("identity") == identity
+        stored = json.loads(config_path.read_text()).get("identity") if config_path.is_file() else None
         finished = (run_dir / "summary.json").is_file()
         if overwrite:
             shutil.rmtree(run_dir)
-        elif not config_path.is_file():
+        elif stored is None:
             raise UserError(f"--out {run_dir} is a non-empty folder that is not a run; choose another --out")
-        elif not same:
-            raise UserError(f"--out {run_dir} holds a different run; choose another --out or pass --overwrite")
+        elif stored != identity:
+            raise UserError(f"--out {run_dir} holds a different run ({first_difference(stored, identity)}); "
+                            "choose another --out, repeat its flags to resume it, or pass --overwrite")
         elif finished:
             raise UserError(f"--out {run_dir} already holds this finished run (see summary.json); pass --overwrite to redo it")
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def first_difference(stored: dict, wanted: dict, path: str = "") -> str:
+    """Name the first setting that differs between a run folder's identity and the flags given."""
+    for key in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, f"{path}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"its {path}{key} is {a}, the flags give {b}"
+    return ""
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -1,0 +1,145 @@
+"""`python -m backbone_cache.verify DIR`: check a cache before trusting it.
+
+Checks, in order: the manifest and its format version; that the cache is complete; that
+every shard file is present and the offsets add up; that every chunk passes its CRC32C
+and holds no NaN or Inf; that the example tables and the importance file match the
+manifest. With `--sample N`, N random examples are recomputed with the backbone, in the
+same batches as extraction, and must match bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from shared.cache_format import StackReader, bf16_bits, check_files, read_examples, read_manifest, safe_name
+from shared.errors import UserError, cli_entry
+
+_EXPONENT = np.uint16(0x7F80)  # bf16 exponent bits; all ones means Inf or NaN
+
+
+def check_values(cache_dir: Path, manifest: dict, quiet: bool = False) -> int:
+    """Read every chunk (verifying CRC32C) and reject NaN/Inf; return the bytes read."""
+    total = sum(m["num_tokens"] * len(m["layers"]) * manifest["model"]["d_model"] * 2
+                for s in manifest["splits"].values() for m in s["stacks"].values())
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=quiet, dynamic_ncols=True)
+    for split, split_meta in manifest["splits"].items():
+        for stack, meta in split_meta["stacks"].items():
+            reader = StackReader(cache_dir, split, stack, meta)
+            for start in range(0, meta["num_tokens"], meta["shard_tokens"]):
+                bits = reader.read_tokens(start, min(start + meta["shard_tokens"], meta["num_tokens"]))
+                bad = (bits & _EXPONENT) == _EXPONENT
+                if bad.any():
+                    token = start + int(np.argwhere(bad)[0][0])
+                    raise UserError(f"{split}/{stack} holds NaN or Inf at token {token}; the backbone overflowed or the cache is damaged")
+                bar.update(bits.nbytes)
+    bar.close()
+    return total
+
+
+def check_tables(cache_dir: Path, manifest: dict) -> None:
+    k = len(manifest["candidates"] or [])
+    for split, split_meta in manifest["splits"].items():
+        rows = read_examples(cache_dir, split).num_rows
+        if rows != split_meta["num_examples"]:
+            raise UserError(f"{split}/examples.parquet has {rows} rows, the manifest says {split_meta['num_examples']}")
+        for stack, meta in split_meta["stacks"].items():
+            want = rows * k if stack == "candidates" else rows
+            if meta["num_sequences"] != want:
+                raise UserError(f"{split}/{stack} has {meta['num_sequences']} sequences, expected {want}")
+    info = manifest.get("importance")
+    if info:
+        from safetensors import safe_open
+
+        path = Path(cache_dir) / safe_name(info["file"], "file")
+        try:
+            with safe_open(str(path), framework="np") as handle:
+                list(handle.keys())
+        except Exception:
+            raise UserError(f"importance file {path} is missing or unreadable; rerun extraction") from None
+
+
+def check_sample(cache_dir: Path, manifest: dict, samples: int, seed: int, device: str) -> int:
+    """Recompute `samples` random examples in their extraction batches; demand identical bits."""
+    from backbone_cache.extract import Extraction
+
+    source = manifest.get("data_source", {})
+    storage_layers = next(iter(manifest["splits"].values()))["stacks"]["encoder"]["layers"]
+    args = argparse.Namespace(
+        model=None if manifest["model"]["name"].endswith("(embedded)") else manifest["model"]["name"],
+        revision=manifest["model"].get("revision"), task=source.get("task"),
+        data=[f"{k}={v}" for k, v in source.get("data", {}).items()], text_fields=source.get("text_fields", ""),
+        label_field=source.get("label_field", "label"), label_kind=source.get("label_kind", "class"), out=str(cache_dir),
+        splits=",".join(manifest["splits"]), max_length=manifest["max_length"], max_target_length=manifest["max_target_length"],
+        batch_size=manifest["batch_size"], device=device, limit=manifest["limit"], layers=",".join(map(str, storage_layers)),
+        codec=manifest["storage"]["codec"], chunk_mib=1.0, shard_mib=1.0, importance="none", fisher_samples=1,
+        overwrite=False, trust_remote_code=False, quiet=True,
+    )
+    extraction = Extraction(args)
+    if extraction.info.config_fingerprint != manifest["model"]["config_fingerprint"]:
+        raise UserError("the model loaded now differs from the one the cache was built with; cannot recompute samples")
+    compute = str(extraction.backbone.dtype).removeprefix("torch.")
+    if compute != manifest["compute_dtype"]:
+        raise UserError(f"the cache was computed in {manifest['compute_dtype']}, this machine would use {compute}; "
+                        "run --sample on the same kind of device")
+    rng = np.random.default_rng(seed)
+    checked = 0
+    for split, plan in extraction.plans.items():
+        picks = rng.choice(plan.num_examples, size=min(samples, plan.num_examples), replace=False)
+        for batch_index in sorted({int(p) // args.batch_size for p in picks}):
+            rows = plan.batches[batch_index]
+            fresh = extraction.forward_batch(plan, rows)
+            for stack, states in fresh.items():
+                bits = bf16_bits(states)
+                reader = StackReader(cache_dir, split, stack, manifest["splits"][split]["stacks"][stack])
+                k = len(extraction.candidate_ids) if stack == "candidates" else 1
+                first, last = int(plan.offsets[stack][rows.start * k]), int(plan.offsets[stack][rows.stop * k])
+                stored = reader.read_tokens(first, last)
+                if not np.array_equal(stored, bits):
+                    raise UserError(f"{split}/{stack}: recomputed states of batch {batch_index} differ from the cache; "
+                                    "the cache does not match this model and data")
+            checked += len([p for p in picks if int(p) // args.batch_size == batch_index])
+    return checked
+
+
+def verify(cache_dir: Path, sample: int = 0, seed: int = 0, device: str = "auto", quiet: bool = False) -> list[str]:
+    """Run every check; return the report lines (a failed check raises UserError)."""
+    manifest = read_manifest(cache_dir)
+    report = [f"manifest: format {manifest['format_version']}, model {manifest['model']['name']}, task {manifest['task']['name']}"]
+    if not manifest.get("complete"):
+        raise UserError(f"cache {cache_dir} is incomplete; rerun the extract command that made it to finish it")
+    check_files(cache_dir, manifest)
+    report.append("files: every shard present, offsets consistent")
+    check_tables(cache_dir, manifest)
+    report.append("tables: example counts and importance file match the manifest")
+    nbytes = check_values(cache_dir, manifest, quiet)
+    report.append(f"values: {nbytes / 2**20:,.1f} MiB read, every CRC32C matches, no NaN or Inf")
+    if sample:
+        checked = check_sample(cache_dir, manifest, sample, seed, device)
+        report.append(f"sample: {checked} examples recomputed, bit-identical")
+    return report
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m backbone_cache.verify", description=__doc__.split("\n")[0])
+    p.add_argument("cache", help="cache folder")
+    p.add_argument("--sample", type=int, default=0, help="recompute N random examples per split with the backbone")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.sample < 0:
+        raise UserError(f"--sample must be non-negative, got {args.sample}")
+    for line in verify(Path(args.cache), args.sample, args.seed, args.device, args.quiet):
+        print(line)
+    print(f"OK: {args.cache} is a sound cache")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
