@@ -259,7 +259,7 @@ class Extraction:
                 sub.create_array(
                     "hidden",
                     shape=(int(offsets[-1]), len(layers), self.info.d_model),
-                    chunks=(chunk, len(layers), self.info.d_model),
+                    chunks=(chunk, 1, self.info.d_model),  # one layer per inner chunk: unused layers are never read
                     shards=(shard, len(layers), self.info.d_model),
                     dtype="uint16",
                     compressors=compressors(self.args.codec),
@@ -359,7 +359,8 @@ class Extraction:
         background = BackgroundWriter()
         writers: dict[str, StackWriter] = {}
         for stack, meta in split_meta["stacks"].items():
-            array = zarr.open_array(str(folder / plan.name / stack / "hidden"), mode="r+")
+            # write_empty_chunks: skip zarr's scans for all-zero chunks (never the case for states); 2 scans per shard
+            array = zarr.open_array(str(folder / plan.name / stack / "hidden"), mode="r+", config={"write_empty_chunks": True})
 
             def on_shard(index: int, meta=meta) -> None:
                 meta["shards_done"] = index + 1

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_compare.py t5-base-shape [--time-batch-size 8] [extra compare flags]
     python benchmarks/bench_compare.py minilm-rt [--train-steps 300] [extra compare flags]
+    python benchmarks/bench_compare.py breakdown METHOD      # T5-base shape: the largest saved tensors
 
 t5-base-shape writes a model folder holding only a T5-base config (d_model 768, d_ff 3072,
 12+12 layers, 12 heads, d_kv 64; vocab 30522 to match the embedded MiniLM WordPiece tokenizer)
@@ -38,6 +39,26 @@ def make_t5_base_shaped(folder: Path) -> Path:
     return folder
 
 
+def breakdown(folder: Path, method: str) -> int:
+    """Where one method's saved-for-backward bytes go, at batch 100 x 128 on the meta device."""
+    import numpy as np
+    import torch
+
+    from side_train import compare as C
+
+    args = C.parse_args(["--model", str(folder), "--random-init", "--task", "synthetic", "--batch-size", "100",
+                         "--max-length", "128", "--memory-on", "meta", "--drop-layers", "3"])
+    meta = torch.device("meta")
+    reference = C.fresh_backbone(args, meta)
+    spec, plans = C.synthetic_plans(reference, 128, 100, args.seed)
+    batch = C.token_batch(plans["train"], np.arange(100), reference).to(meta)
+    memory, counter = C.measure_memory(C.prepare(method, args, spec, meta), batch)
+    print(f"{method}: {memory.saved_bytes / 2**30:.3f} GiB saved in {memory.saved_storages} storages; largest groups:")
+    for nbytes, storages, (shape, dtype, node) in counter.largest(12):
+        print(f"  {nbytes / 2**20:9.1f} MiB  {storages:3d} x {list(shape)} {dtype} ({node})")
+    return 0
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -45,11 +66,13 @@ def uptime() -> str:
 def main(argv: list[str]) -> int:
     from side_train.compare import main as compare_main
 
-    if not argv or argv[0] not in ("t5-base-shape", "minilm-rt"):
+    if not argv or argv[0] not in ("t5-base-shape", "minilm-rt", "breakdown"):
         print(__doc__)
         return 2
     which, extra = argv[0], argv[1:]
     work = Path(os.environ.get("BENCH_DIR", "/tmp/lst-bench"))
+    if which == "breakdown":
+        return breakdown(make_t5_base_shaped(work / "t5-base-shaped"), extra[0] if extra else "lst-cached")
     if which == "t5-base-shape":
         folder = make_t5_base_shaped(work / "t5-base-shaped")
         command = ["--model", str(folder), "--random-init", "--task", "synthetic", "--batch-size", "100", "--max-length", "128",

@@ -1,18 +1,22 @@
-"""Extraction overhead, cache size and decode speed per codec, measured side by side in one run.
+"""Extraction overhead, cache size and decode speed per codec (and chunk/shard size), in one run.
 
 For the embedded MiniLM on the first --examples Rotten Tomatoes training snippets:
 
   plain    the same model on the same length-sorted, padded batches (same batch size) under
            torch.inference_mode with output_hidden_states=True, results discarded;
   extract  `Extraction(parse_args([...])).run()` of backbone_cache.extract, --importance none,
-           once per codec.
+           once per variant (codec, --chunk-mib, --shard-mib).
 
 Model loading and tokenization are identical on both sides and left out of the timings.
-Rounds interleave the runs (plain, then each codec, order rotated per round); the table
-gives medians over rounds. Sizes are the bytes of the hidden array's shard files; decode
-speed is a plain `zarr.open_array(...)[:]` of the whole hidden array from a warm page cache.
+Each extract run is paired with a plain pass run just before it (plain, variant 1, plain,
+variant 2, ...; order rotated per round); the table gives medians of the per-pair ratios,
+of wall time and of this process's CPU time (all threads; steadier when other jobs share
+the machine). Sizes are the bytes of the hidden array's shard files. Decode speed is a
+plain `zarr.open_array(...)[:]` of the whole hidden array from a warm page cache; the
+random read is one example's token range, all layers, by its offsets.
 
     python benchmarks/bench_extract.py --examples 3000 --rounds 3
+    python benchmarks/bench_extract.py --codecs zstd1 --geometries 2:256,1:256,4:256,2:64,2:128
 """
 
 from __future__ import annotations
@@ -33,10 +37,16 @@ from backbone_cache.extract import Extraction, pad, parse_args
 from shared.cache_format import CODECS
 
 
-def plain_pass(extraction: Extraction) -> float:
-    """Seconds for the forward passes alone over the split's planned batches."""
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of fn()."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def plain_pass(extraction: Extraction) -> None:
+    """The forward passes alone over the split's planned batches, results discarded."""
     plan, model, device = extraction.plans["train"], extraction.backbone.model, extraction.device
-    start = time.perf_counter()
     with torch.inference_mode():
         for rows in plan.batches:
             ids, mask = pad([plan.source_ids[i] for i in rows], device)
@@ -46,12 +56,11 @@ def plain_pass(extraction: Extraction) -> float:
             model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
-def extract_args(out: Path, args: argparse.Namespace, codec: str) -> argparse.Namespace:
+def extract_args(out: Path, args: argparse.Namespace, codec: str, chunk_mib: float, shard_mib: float) -> argparse.Namespace:
     argv = ["--out", str(out), "--splits", "train", "--limit", str(args.examples), "--batch-size", str(args.batch_size),
-            "--codec", codec, "--chunk-mib", str(args.chunk_mib), "--shard-mib", str(args.shard_mib),
+            "--codec", codec, "--chunk-mib", str(chunk_mib), "--shard-mib", str(shard_mib),
             "--importance", "none", "--device", args.device, "--quiet"]
     return parse_args(argv)
 
@@ -69,6 +78,18 @@ def decode_seconds(cache: Path) -> tuple[float, np.ndarray]:
     return time.perf_counter() - start, bits
 
 
+def random_read_ms(cache: Path, sequences: np.ndarray) -> float:
+    """Mean milliseconds to read one whole example (all layers) by its offsets."""
+    import zarr
+
+    group = zarr.open_group(str(cache / "train" / "encoder"), mode="r")
+    offsets, hidden = group["offsets"][:], group["hidden"]
+    start = time.perf_counter()
+    for i in sequences:
+        hidden[offsets[i] : offsets[i + 1]]
+    return (time.perf_counter() - start) / len(sequences) * 1e3
+
+
 def machine_line() -> str:
     load = os.getloadavg()
     cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
@@ -80,68 +101,72 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=3000, help="training snippets (--limit of the extraction)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
     p.add_argument("--codecs", default=",".join(CODECS))
+    p.add_argument("--geometries", default="2:256", help="comma-separated CHUNK_MIB:SHARD_MIB, each tried with every codec")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--chunk-mib", type=float, default=2.0)
-    p.add_argument("--shard-mib", type=float, default=256.0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--work-dir", default=None, help="where the caches go (default: a temporary folder, removed after)")
     args = p.parse_args()
-    codecs = [c for c in args.codecs.split(",") if c]
+    geometries = [tuple(float(x) for x in g.split(":")) for g in args.geometries.split(",") if g]
+    variants = [(codec, chunk, shard) for chunk, shard in geometries for codec in args.codecs.split(",") if codec]
+    names = [f"{codec} {chunk:g}:{shard:g}" for codec, chunk, shard in variants]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_extract_"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {machine_line()}")
+    print(f"machine before: {machine_line()}")
 
-    extractions = {codec: Extraction(extract_args(work / codec, args, codec)) for codec in codecs}
-    reference = extractions[codecs[0]]
+    extractions = {name: Extraction(extract_args(work / name.replace(" ", "_"), args, *variant)) for name, variant in zip(names, variants)}
+    reference = extractions[names[0]]
     plan = reference.plans["train"]
     tokens, layers, d = int(plan.offsets["encoder"][-1]), len(reference.layers["encoder"]), reference.info.d_model
-    print(f"data: {plan.num_examples} examples, {tokens:,} tokens, {len(plan.batches)} batches of {args.batch_size}, "
-          f"{layers} layers x d={d}; geometry (chunk, shard tokens) {reference.geometry['encoder']}")
+    print(f"data: {plan.num_examples} examples, {tokens:,} tokens, {len(plan.batches)} batches of {args.batch_size}, {layers} layers x d={d}")
     plain_pass(reference)  # warm-up: allocator, kernels
 
-    times: dict[str, list[float]] = {"plain": [], **{c: [] for c in codecs}}
-    ratios: dict[str, list[float]] = {c: [] for c in codecs}
-    decode: dict[str, list[float]] = {c: [] for c in codecs}
+    plain: dict[str, list[tuple[float, float]]] = {n: [] for n in names}  # the plain pass run just before each extract
+    extract: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    decode: dict[str, list[float]] = {n: [] for n in names}
+    random_ms: dict[str, list[float]] = {n: [] for n in names}
     sizes: dict[str, int] = {}
+    rng = np.random.default_rng(0)
     for round_index in range(args.rounds):
-        order = codecs[round_index % len(codecs):] + codecs[: round_index % len(codecs)]
-        plain = plain_pass(reference)
-        times["plain"].append(plain)
-        line = [f"round {round_index + 1}: plain {plain:.2f}s"]
-        for codec in order:
-            out = work / codec
-            shutil.rmtree(out, ignore_errors=True)
-            start = time.perf_counter()
-            extractions[codec].run()
-            seconds = time.perf_counter() - start
-            times[codec].append(seconds)
-            ratios[codec].append(seconds / plain)
-            sizes[codec] = shard_bytes(out)
-            line.append(f"{codec} {seconds:.2f}s")
-        print(", ".join(line), flush=True)
-        bits0 = None
-        for codec in codecs:
-            seconds, bits = decode_seconds(work / codec)
-            decode[codec].append(seconds)
-            if bits0 is None:
-                bits0 = bits
-            elif not np.array_equal(bits0, bits):
-                raise SystemExit(f"codec {codec} decoded different bits from {codecs[0]}")
-        del bits0, bits
+        order = names[round_index % len(names):] + names[: round_index % len(names)]
+        line = [f"round {round_index + 1}:"]
+        for name in order:
+            folder = Path(extractions[name].args.out)
+            plain[name].append(timed(lambda: plain_pass(reference)))
+            shutil.rmtree(folder, ignore_errors=True)
+            extract[name].append(timed(extractions[name].run))
+            sizes[name] = shard_bytes(folder)
+            line.append(f"plain {plain[name][-1][0]:.2f}s, {name} {extract[name][-1][0]:.2f}s;")
+        print(" ".join(line), flush=True)
+        reference_bits = None
+        sequences = rng.choice(plan.num_examples, size=min(200, plan.num_examples), replace=False)
+        for name in names:
+            folder = Path(extractions[name].args.out)
+            seconds, bits = decode_seconds(folder)
+            decode[name].append(seconds)
+            random_ms[name].append(random_read_ms(folder, sequences))
+            if reference_bits is None:
+                reference_bits = bits
+            elif not np.array_equal(reference_bits, bits):
+                raise SystemExit(f"variant {name} decoded different bits from {names[0]}")
+        del reference_bits, bits
 
     raw = tokens * layers * d * 2
     med = statistics.median
     print(f"\nmachine after: {machine_line()}")
-    print(f"plain pass: median {med(times['plain']):.2f}s ({tokens / med(times['plain']):,.0f} tokens/s), "
-          f"all {', '.join(f'{t:.2f}' for t in times['plain'])}")
-    print("\n| codec | extract s (median) | extract / plain (median of per-round ratios) | per-round ratios | "
-          "bytes / token / layer | vs raw bf16 | decode GB/s (logical bf16) |")
-    print("|---|---|---|---|---|---|---|")
-    for codec in codecs:
-        per_token_layer = sizes[codec] / (tokens * layers)
-        print(f"| {codec} | {med(times[codec]):.2f} | {med(ratios[codec]):.3f} | {', '.join(f'{r:.3f}' for r in ratios[codec])} | "
-              f"{per_token_layer:.1f} | {raw / sizes[codec]:.3f}x | {raw / med(decode[codec]) / 1e9:.2f} |")
-    print(f"\nraw bf16: {2 * d} bytes / token / layer; all codecs decoded identical bits")
+    all_plain = [w for n in names for w, _ in plain[n]]
+    print(f"plain pass: median {med(all_plain):.2f}s ({tokens / med(all_plain):,.0f} tokens/s, "
+          f"{plan.num_examples / med(all_plain):,.0f} examples/s) over {len(all_plain)} runs, min {min(all_plain):.2f}s, max {max(all_plain):.2f}s")
+    print("\n| codec chunk:shard MiB | extract s (median) | extract / plain, wall (median) | per-pair wall ratios | "
+          "extract / plain, CPU (median) | bytes / token / layer | vs raw bf16 | whole-array decode GB/s (logical bf16) | "
+          "one random example, ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        wall = [e[0] / p[0] for e, p in zip(extract[name], plain[name])]
+        cpu = [e[1] / p[1] for e, p in zip(extract[name], plain[name])]
+        print(f"| {name} | {med(e[0] for e in extract[name]):.2f} | {med(wall):.3f} | {', '.join(f'{r:.3f}' for r in wall)} | "
+              f"{med(cpu):.3f} | {sizes[name] / (tokens * layers):.1f} | {raw / sizes[name]:.3f}x | "
+              f"{raw / med(decode[name]) / 1e9:.2f} | {med(random_ms[name]):.2f} |")
+    print(f"\nraw bf16: {2 * d} bytes / token / layer; every variant decoded identical bits")
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
 

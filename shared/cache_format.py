@@ -67,10 +67,14 @@ def compressors(codec: str) -> list:
 
 
 def stack_geometry(num_layers: int, d_model: int, chunk_mib: float, shard_mib: float) -> tuple[int, int]:
-    """Tokens per inner chunk and per shard for a target chunk and shard size in MiB."""
-    token_bytes = num_layers * d_model * 2
-    chunk_tokens = max(1, int(chunk_mib * 2**20 // token_bytes))
-    per_shard = max(1, int(round(shard_mib * 2**20 / (chunk_tokens * token_bytes))))
+    """Tokens per inner chunk and per shard for target sizes in MiB.
+
+    An inner chunk holds one layer ([chunk_tokens, 1, d]), so a reader that needs some
+    layers reads only those; a shard holds every layer of shard_tokens tokens.
+    """
+    layer_bytes = d_model * 2
+    chunk_tokens = max(1, int(chunk_mib * 2**20 // layer_bytes))
+    per_shard = max(1, int(round(shard_mib * 2**20 / (chunk_tokens * layer_bytes * num_layers))))
     return chunk_tokens, chunk_tokens * per_shard
 
 

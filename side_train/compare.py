@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import gc
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from backbone_cache.plan import SplitPlan, offsets_from_lengths, plan_split
-from shared.backbones import Backbone, EncoderBackbone, T5Backbone, default_model_dir, load_backbone, pick_device
+from shared.backbones import DEFAULT_MODEL, Backbone, EncoderBackbone, T5Backbone, default_model_dir, load_backbone, pick_device
 from shared.errors import UserError, cli_entry
 from shared.metrics import compute_metrics
 from shared.tasks import SPLITS, Example, TaskSpec, load_task
@@ -75,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
     g.add_argument("--batch-size", type=int, default=100)
     g.add_argument("--memory-on", default="device", choices=["device", "meta"], help="count memory on a real step, or on the meta device")
-    g.add_argument("--time-steps", type=int, default=3, help="timed training steps per method after one warm-up (0: no timing)")
+    g.add_argument("--time-steps", type=int, default=3, help="timed training steps per method after two warm-up steps (0: no timing)")
     g.add_argument("--time-batch-size", type=int, default=None, help="batch size for timing (default: --batch-size)")
     g.add_argument("--train-steps", type=int, default=0, help="train each method this many steps, then evaluate (0: no training)")
     g.add_argument("--eval-batch-size", type=int, default=100)
@@ -130,19 +132,26 @@ def fresh_backbone(args: argparse.Namespace, device: torch.device) -> Backbone:
         return load_backbone(args.model, device, dtype=torch.float32)
     import transformers
 
-    path = args.model or str(default_model_dir())
+    config, tokenizer = config_and_tokenizer(args.model or str(default_model_dir()))
+    is_t5 = getattr(config, "is_encoder_decoder", False)
+    torch.manual_seed(args.seed)
+    with torch.device(device if device.type == "meta" else "cpu"):
+        model = transformers.T5ForConditionalGeneration(config) if is_t5 else transformers.AutoModel.from_config(config)
+    adapter = T5Backbone if is_t5 else EncoderBackbone
+    return adapter(model, tokenizer, args.model or DEFAULT_MODEL, None, device, torch.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def config_and_tokenizer(path: str):
+    import transformers
+
     local = Path(path).is_dir()
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=local)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=local)
     except (OSError, ValueError) as err:
         raise UserError(f"could not load the config or tokenizer of {path!r}: {str(err).splitlines()[0][:200]}") from None
-    is_t5 = getattr(config, "is_encoder_decoder", False)
-    torch.manual_seed(args.seed)
-    with torch.device(device if device.type == "meta" else "cpu"):
-        model = transformers.T5ForConditionalGeneration(config) if is_t5 else transformers.AutoModel.from_config(config)
-    adapter = T5Backbone if is_t5 else EncoderBackbone
-    return adapter(model, tokenizer, args.model or "all-MiniLM-L6-v2 (embedded)", None, device, torch.float32)
+    return config, tokenizer
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -281,7 +290,7 @@ class Prepared:
 
     name: str
     module: nn.Module  # everything the method keeps on the device
-    inputs: object  # callable: TokenBatch on the device -> what module.loss takes
+    inputs: Callable[[TokenBatch], object]  # TokenBatch on the device -> what module.loss takes
     backbone_parameters: int
     frozen: nn.Module | None = None  # the backbone model the step runs, if any
 
@@ -299,6 +308,8 @@ def prepare(method: str, args: argparse.Namespace, spec: TaskSpec, device: torch
     cfg = lst_config(backbone, spec, args)
     side = new_side_network(cfg, backbone, init, scores, args.seed).to(device)
     if method == "lst-live":
+        if cfg.family == "t5":
+            side.lm_head = backbone.lm_head()[0].detach()  # reuse the backbone's frozen LM head, as the paper does
         return Prepared(method, LadderLive(side, backbone), lambda b: b, total, backbone.model)
     generator = torch.Generator().manual_seed(args.seed)
     return Prepared(method, side, lambda b: cached_ladder_batch(b, cfg, generator), total, None)
@@ -346,8 +357,8 @@ def measure_memory(prepared: Prepared, batch: TokenBatch, watch_backbone: bool =
     return memory, counter
 
 
-def time_steps(prepared: Prepared, batch: TokenBatch, steps: int) -> float:
-    """Mean seconds per training step (forward, backward, AdamW) after one warm-up step.
+def time_steps(prepared: Prepared, batch: TokenBatch, steps: int, warmup: int = 2) -> float:
+    """Mean seconds per training step (forward, backward, AdamW) after `warmup` untimed steps.
 
     The step inputs are made once beforehand: for LST-cached the states are already on the
     device, so reading the cache is not part of the step."""
@@ -355,7 +366,8 @@ def time_steps(prepared: Prepared, batch: TokenBatch, steps: int) -> float:
     inputs = prepared.inputs(batch)
     device = batch.input_ids.device
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-12)
-    training_step(module, inputs, optimizer)
+    for _ in range(warmup):
+        training_step(module, inputs, optimizer)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()

@@ -70,7 +70,7 @@ def gather_padded(store: torch.Tensor, offsets: np.ndarray, sequences: np.ndarra
     steps = torch.arange(width)
     mask = steps[None, :] < lengths[:, None]
     index = torch.where(mask, starts[:, None] + steps[None, :], torch.zeros((), dtype=torch.long))
-    return store[index], mask
+    return store[index.to(store.device)], mask.to(store.device)
 
 
 def pad_ids(values: np.ndarray, offsets: np.ndarray, sequences: np.ndarray, fill: int) -> torch.Tensor:
@@ -79,9 +79,10 @@ def pad_ids(values: np.ndarray, offsets: np.ndarray, sequences: np.ndarray, fill
 
 
 class CachedSplit:
-    """A split's ladder states, loaded once into host memory (bfloat16, selected layers only)."""
+    """A split's ladder states, loaded once into host memory or onto the GPU (bfloat16, selected layers only)."""
 
-    def __init__(self, cache_dir: Path, manifest: dict, split: str, enc_layers: list[int], dec_layers: list[int]):
+    def __init__(self, cache_dir: Path, manifest: dict, split: str, enc_layers: list[int], dec_layers: list[int],
+                 device: torch.device | None = None):
         if split not in manifest["splits"]:
             raise UserError(f"the cache has no {split!r} split (it has {', '.join(manifest['splits'])}); extract it with --splits")
         self.split = split
@@ -96,6 +97,8 @@ class CachedSplit:
             positions = state_positions(reader.layers, wanted[stack], stack)
             self.stacks[stack] = reader
             self.states[stack] = load_layers(reader, positions)
+            if device is not None and device.type == "cuda":
+                self.states[stack] = self.states[stack].to(device)
         self.lengths = self.stacks["encoder"].lengths()
         self.num_candidates = (
             self.stacks["candidates"].num_sequences // len(self.lengths) if "candidates" in self.stacks else 0
@@ -123,19 +126,32 @@ class CachedSplit:
         return batch
 
 
+def read_layers(reader: StackReader, start: int, stop: int, positions: list[int], out: torch.Tensor) -> None:
+    """Read tokens start:stop of the given layer positions into `out` (bf16), one contiguous run of layers at a time.
+
+    Inner chunks hold one layer each, so layers the side network does not use are never read.
+    """
+    column = 0
+    runs: list[list[int]] = []
+    for p in positions:
+        if runs and p == runs[-1][-1] + 1:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    for run in runs:
+        bits = reader.read_tokens(start, stop, slice(run[0], run[-1] + 1))
+        out[:, column : column + len(run)] = from_bf16_bits(bits)
+        column += len(run)
+
+
 def load_layers(reader: StackReader, positions: list[int]) -> torch.Tensor:
     """Read the selected layers of a whole stack into a bfloat16 tensor, one shard at a time."""
     total = int(reader.offsets[-1])
     out = torch.empty((total, len(positions), reader.hidden.shape[2]), dtype=torch.bfloat16)
     step = int(reader.meta["shard_tokens"])
-    contiguous = positions == list(range(positions[0], positions[-1] + 1))
     for start in range(0, total, step):
         stop = min(start + step, total)
-        if contiguous:
-            bits = reader.read_tokens(start, stop, slice(positions[0], positions[-1] + 1))
-        else:
-            bits = reader.read_tokens(start, stop)[:, positions]
-        out[start:stop] = from_bf16_bits(bits)
+        read_layers(reader, start, stop, positions, out[start:stop])
     return out
 
 
@@ -188,20 +204,61 @@ def _round(states: torch.Tensor) -> torch.Tensor:
     return states.to(torch.bfloat16).clone()
 
 
-def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, pool_batches: int = 50) -> list[np.ndarray]:
-    """Shuffled, length-bucketed batches: permute, sort each pool of batches by length, shuffle batches.
+BLOCK_TOKENS = 4096  # examples are shuffled in blocks of about this many stored tokens
+POOL_BLOCKS = 8  # blocks pooled (and read together from disk) before their examples are mixed
 
-    Deterministic in (seed, epoch); the same for cached and live sources.
+
+class EpochPlan(list):
+    """An epoch's batches (lists of storage rows), plus the pools they come from.
+
+    `pools[i] = (first_batch, stop_batch, row_ranges)`: batches first_batch:stop_batch use
+    only rows inside `row_ranges`, so a streaming reader loads those ranges once per pool.
+    """
+
+    pools: list[tuple[int, int, list[tuple[int, int]]]]
+    seed: int
+    epoch: int
+    batch_size: int
+
+
+def block_bounds(lengths: np.ndarray, block_tokens: int = BLOCK_TOKENS) -> np.ndarray:
+    """Row boundaries of consecutive blocks of about `block_tokens` stored tokens."""
+    ends = np.cumsum(lengths)
+    cuts = np.searchsorted(ends, np.arange(block_tokens, int(ends[-1]), block_tokens), side="left") + 1
+    return np.unique(np.concatenate([[0], cuts[cuts < len(lengths)], [len(lengths)]]))
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> EpochPlan:
+    """Block shuffle: permute blocks, pool POOL_BLOCKS of them, permute the pool's examples,
+    cut length-bucketed batches, shuffle the pool's batches.
+
+    Deterministic in (seed, epoch, lengths) and the same for every source and tier, so
+    cached, streamed and live runs see identical batches.
     """
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
-    pool = batch_size * pool_batches
-    batches: list[np.ndarray] = []
-    for start in range(0, len(order), pool):
-        chunk = order[start : start + pool]
-        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
+    bounds = block_bounds(np.asarray(lengths))
+    order = rng.permutation(len(bounds) - 1)
+    plan = EpochPlan()
+    plan.pools, plan.seed, plan.epoch, plan.batch_size = [], seed, epoch, batch_size
+    for p in range(0, len(order), POOL_BLOCKS):
+        ranges = sorted((int(bounds[b]), int(bounds[b + 1])) for b in order[p : p + POOL_BLOCKS])
+        rows = np.concatenate([np.arange(a, b) for a, b in ranges])
+        rows = rows[rng.permutation(len(rows))]
+        rows = rows[np.argsort(-lengths[rows], kind="stable")]
+        pool_batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+        first = len(plan)
+        plan.extend(pool_batches[i] for i in rng.permutation(len(pool_batches)))
+        plan.pools.append((first, len(plan), ranges))
+    return plan
+
+
+def iter_batches(source, plan: EpochPlan, first: int = 0):
+    """(index, Batch) for batches first.. of an epoch; streaming sources read whole pools."""
+    if hasattr(source, "stream"):
+        yield from source.stream(plan, first)
+        return
+    for index in range(first, len(plan)):
+        yield index, source.batch(plan[index])
 
 
 def eval_batches(num_examples: int, batch_size: int) -> list[np.ndarray]:

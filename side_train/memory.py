@@ -99,6 +99,7 @@ class SavedTensorCounter:
     def __init__(self, exclude: Iterable[torch.Tensor] = (), watch: Iterable[nn.Module] = ()):
         self.excluded = set(storage_bytes(exclude))
         self.saved: dict[int, int] = {}  # storage -> bytes
+        self.described: dict[int, tuple[tuple[int, ...], str, str]] = {}  # storage -> (shape, dtype, autograd node)
         self.saves_inside_watched = 0
         self.watched_outputs: set[int] = set()
         self._alive: list[torch.Tensor] = []
@@ -111,12 +112,22 @@ class SavedTensorCounter:
     def saved_bytes(self) -> int:
         return sum(self.saved.values())
 
+    def largest(self, count: int = 10) -> list[tuple[int, int, tuple]]:
+        """The biggest groups of saved storages with the same (shape, dtype, node): (bytes, storages, key)."""
+        groups: dict[tuple, list[int]] = {}
+        for key, nbytes in self.saved.items():
+            groups.setdefault(self.described[key], []).append(nbytes)
+        ranked = sorted(((sum(v), len(v), k) for k, v in groups.items()), key=lambda item: -item[0])
+        return ranked[:count]
+
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._depth:
             self.saves_inside_watched += 1
         key = storage_key(tensor)
         if key not in self.excluded and key not in self.saved:
             self.saved[key] = tensor.untyped_storage().nbytes()
+            node = tensor.grad_fn.name() if tensor.grad_fn is not None else "no grad_fn"
+            self.described[key] = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), node)
             self._alive.append(tensor)
         return tensor
 

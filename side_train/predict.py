@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from shared.backbones import Backbone, load_backbone, pick_device
 from shared.errors import UserError, cli_entry

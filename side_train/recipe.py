@@ -44,6 +44,9 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-target-length", type=int, default=128, help="live: T5 target tokens")
     g.add_argument("--limit", type=int, default=None, help="live: first N examples of each split")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--tier", default="auto", choices=["auto", "gpu", "ram", "disk"],
+                   help="where cached training states live: on the GPU, in host RAM, or streamed from disk (auto: the first that fits)")
+    g.add_argument("--reader-workers", type=int, default=1, help="disk tier: reader processes (0: a background thread)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
 
 
@@ -111,12 +114,43 @@ def open_sources(args: argparse.Namespace, device: torch.device, splits: tuple[s
     return Sources(spec, backbone, {s: (p, candidate_ids) for s, p in plans.items()}, "live", manifest)
 
 
-def materialize(sources: Sources, cfg: SideConfig, cache: str | None) -> dict:
-    """Create each split's data source for a side network's layers."""
+def state_bytes(manifest: dict, split: str, cfg: SideConfig) -> int:
+    """Bytes of the bf16 states a side network reads from one split (its layers only)."""
+    meta = manifest["splits"][split]["stacks"]
+    layers = {"encoder": len(cfg.encoder_layers) + 1, "decoder": len(cfg.decoder_layers) + 1,
+              "candidates": len(cfg.decoder_layers) + 1}
+    return sum(m["num_tokens"] * layers[s] * manifest["model"]["d_model"] * 2 for s, m in meta.items())
+
+
+def choose_tier(manifest: dict, cfg: SideConfig, device: torch.device, tier: str = "auto") -> str:
+    """gpu if every split fits in half the free GPU memory, else ram if it fits in half the
+    available host memory, else disk; an explicit tier is taken as given."""
+    import os
+
+    if tier != "auto":
+        if tier == "gpu" and device.type != "cuda":
+            raise UserError("--tier gpu needs --device cuda; use --tier ram or disk on the CPU")
+        return tier
+    need = sum(state_bytes(manifest, s, cfg) for s in manifest["splits"])
+    if device.type == "cuda" and need < 0.5 * torch.cuda.mem_get_info(device)[0]:
+        return "gpu"
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return "ram" if need < 0.5 * available else "disk"
+
+
+def materialize(sources: Sources, cfg: SideConfig, cache: str | None, tier: str = "ram", workers: int = 1,
+                device: torch.device | None = None) -> dict:
+    """Create each split's data source for a side network's layers, in the given tier."""
+    from side_train.streaming import StreamingSplit
+
     out = {}
     for split, value in sources.splits.items():
-        if sources.mode == "cache":
-            out[split] = CachedSplit(Path(cache), sources.manifest, split, cfg.encoder_layers, cfg.decoder_layers)
+        if sources.mode == "cache" and tier == "disk" and split == "train":
+            out[split] = StreamingSplit(Path(cache), sources.manifest, split, cfg.encoder_layers, cfg.decoder_layers,
+                                        workers, pin_memory=device is not None and device.type == "cuda")
+        elif sources.mode == "cache":
+            out[split] = CachedSplit(Path(cache), sources.manifest, split, cfg.encoder_layers, cfg.decoder_layers,
+                                     device if tier == "gpu" else None)
         else:
             plan, candidate_ids = value
             out[split] = LiveSplit(sources.backbone, plan, candidate_ids if split != "train" else None,

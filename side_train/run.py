@@ -24,6 +24,7 @@ from side_train.recipe import (
     add_source_arguments,
     backbone_parameters,
     build_side_network,
+    choose_tier,
     importance_scores,
     materialize,
     open_sources,
@@ -59,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("epochs", "max_steps"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.reader_workers < 0:
+        raise UserError(f"--reader-workers must be non-negative, got {args.reader_workers}")
     if args.lr <= 0 or args.warmup_steps < 0 or args.save_every < 0 or not 0 <= args.dropout < 1:
         raise UserError("--lr must be positive, --warmup-steps and --save-every non-negative, --dropout in [0, 1)")
     if args.live and not args.cache and args.model is None and args.task is None:
@@ -130,18 +133,19 @@ def run(args: argparse.Namespace) -> dict:
     scores = importance_scores(sources, args.init, args.cache, args.fisher_samples)
     model = build_side_network(side_cfg, sources.backbone, args.init, scores, args.seed)
     trainable, total = model.trainable_parameters(), backbone_parameters(sources.backbone)
-    data = materialize(sources, side_cfg, args.cache)
+    tier = choose_tier(sources.manifest, side_cfg, device, args.tier) if sources.mode == "cache" else "live"
+    data = materialize(sources, side_cfg, args.cache, tier, args.reader_workers, device)
     if sources.mode == "cache":
         sources.backbone.model = None  # only the LM head (inside the side network) stays
     evals = {s: data[s] for s in ("validation", "test") if s in data}
     if not args.quiet:
         print(f"side network: {trainable:,} trainable parameters, {100 * trainable / total:.3f}% of the "
-              f"{total:,}-parameter backbone; source: {sources.mode}; device: {device}", file=sys.stderr)
+              f"{total:,}-parameter backbone; source: {sources.mode} ({tier}); device: {device}", file=sys.stderr)
     start = time.perf_counter()
     summary = train(model, data["train"], evals, sources.spec, train_cfg, run_dir, device)
     model.save_pretrained(run_dir / "side_model")
     summary.update(trainable_parameters=trainable, backbone_parameters=total, trainable_share=trainable / total,
-                   source=sources.mode, device=str(device), wall_seconds=round(time.perf_counter() - start, 3),
+                   source=sources.mode, tier=tier, device=str(device), wall_seconds=round(time.perf_counter() - start, 3),
                    task=sources.spec.name, model=sources.backbone.name)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -66,7 +66,8 @@ class Member:
     run_dir: Path
     identity: dict
     finished: bool = False
-    memory_estimate: int = 0  # bytes: parameters, buffers, gradients, AdamW state, activations
+    resident_bytes: int = 0  # estimate held for the whole pass: parameters, buffers, AdamW state
+    step_bytes: int = 0  # estimate held during its own step only: gradients and saved activations
     seconds: float = 0.0
     state: TrainState | None = field(default=None, repr=False)
     views: dict = field(default_factory=dict, repr=False)
@@ -78,7 +79,7 @@ class Member:
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """The sweep's own flags, and the rest: `side_train.run` flags shared by every configuration."""
     p = argparse.ArgumentParser(
-        prog="python -m side_train.sweep", description=__doc__.split("\n")[0],
+        prog="python -m side_train.sweep", description=__doc__.split("\n")[0], allow_abbrev=False,
         epilog="Any other flag is a side_train.run flag shared by every configuration (e.g. --epochs 5 --init magnitude).",
     )
     p.add_argument("--cache", required=True, help="cache folder made by backbone_cache.extract")
@@ -90,7 +91,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                    help="memory for the networks of one pass, e.g. 8GiB (default: 90%% of free GPU memory, 80%% of available RAM)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--overwrite", action="store_true", help="redo configurations whose run folders hold other or finished runs")
-    p.add_argument("--quiet", action="store_true", help="no progress bars (also passed to every run, as side_train.run --quiet)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     args, rest = p.parse_known_args(argv)
     if not args.grid and not args.configs:
         raise UserError("give the configurations with --grid KEY=V1,V2 ... and/or --configs FILE")
@@ -113,6 +114,14 @@ def parse_bytes(text: str) -> int:
     if value <= 0:
         raise UserError(f"--memory-budget must be positive, got {text!r}")
     return int(value)
+
+
+def parse_shared(args: argparse.Namespace, rest: list[str]) -> argparse.Namespace:
+    """The side_train.run flags every configuration shares, parsed and checked by side_train.run."""
+    try:
+        return solo.parse_args(["--cache", args.cache, "--out", "unused", *rest])
+    except SystemExit:
+        raise UserError(f"a shared flag among {' '.join(rest)} is not a side_train.run flag or has a bad value (see above)") from None
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
@@ -191,8 +200,7 @@ def member_name(overrides: dict[str, str]) -> str:
 
 def make_members(args: argparse.Namespace, rest: list[str], sources, configurations: list[dict[str, str]]) -> list[Member]:
     """Parse each configuration as side_train.run would; compute its identity and run folder."""
-    base = solo.parse_args(["--cache", args.cache, "--out", "unused", *rest])
-    known = set(vars(base))
+    known = set(vars(parse_shared(args, rest)))
     info, task = sources.backbone.info().to_json(), sources.spec.to_json()
     members, names = [], set()
     for overrides in configurations:
@@ -207,8 +215,8 @@ def make_members(args: argparse.Namespace, rest: list[str], sources, configurati
             raise UserError(f"two configurations are both named {name!r}; give them distinct 'name' entries")
         names.add(name)
         run_dir = Path(args.out) / "runs" / name
-        argv = ["--cache", args.cache, "--out", str(run_dir), *rest, *(["--quiet"] if args.quiet else []),
-                *(["--overwrite"] if args.overwrite else []), "--device", args.device]
+        argv = ["--cache", args.cache, "--out", str(run_dir), *rest, *(["--overwrite"] if args.overwrite else []),
+                "--device", args.device]  # never --quiet: it is part of a run's identity, and the sweep does the printing
         for key, value in options.items():
             argv += [f"--{key.replace('_', '-')}", value]
         try:
@@ -307,7 +315,7 @@ def default_budget(device: torch.device) -> int | None:
 
 
 def estimate_memory(members: list[Member], train_source, lm_head: torch.Tensor | None) -> None:
-    """Set each member's memory_estimate (bytes, float32 on the CPU: an upper bound under bf16 autocast).
+    """Set each member's resident_bytes and step_bytes (float32: an upper bound under bf16 autocast).
 
     Parameters, buffers, gradients and AdamW's two moments are counted exactly; activations
     are the tensors autograd saves in one forward on the two longest training examples,
@@ -323,21 +331,27 @@ def estimate_memory(members: list[Member], train_source, lm_head: torch.Tensor |
                 model = LadderSideNetwork(m.side_cfg, lm_head).train()
                 batch = m.views["train"].batch(longest)
                 params = list(model.parameters())
-                with saved_tensor_meter(params) as meter:
+                with saved_tensor_meter(model) as meter:
                     model.loss(batch)
                 trainable = sum(p.numel() for p in params if p.requires_grad)
                 fixed = sum(t.numel() * t.element_size() for t in [*params, *model.buffers()])
-                probes[key] = fixed + 3 * 4 * trainable + meter.bytes * m.train_cfg.batch_size // len(longest)
+                activations = meter.bytes * m.train_cfg.batch_size // len(longest)
+                probes[key] = (fixed + 2 * 4 * trainable, 4 * trainable + activations)
                 del model, batch
-        m.memory_estimate = probes[key]
+        m.resident_bytes, m.step_bytes = probes[key]
+
+
+def pass_bytes(members: list[Member]) -> int:
+    """Networks step one at a time: all resident state, plus the largest single step."""
+    return sum(m.resident_bytes for m in members) + max((m.step_bytes for m in members), default=0)
 
 
 def plan_passes(members: list[Member], budget: int | None, max_parallel: int) -> list[list[Member]]:
-    """Greedy: fill a pass while its members' estimates fit the budget and the count limit."""
+    """Greedy: fill a pass while its memory estimate fits the budget and the count limit."""
     passes: list[list[Member]] = []
     current: list[Member] = []
     for m in members:
-        fits = budget is None or sum(x.memory_estimate for x in current) + m.memory_estimate <= budget
+        fits = budget is None or pass_bytes([*current, m]) <= budget
         room = not max_parallel or len(current) < max_parallel
         if current and not (fits and room):
             passes.append(current)
@@ -418,7 +432,7 @@ def finish_member(m: Member, sources, total_params: int, device: torch.device, p
 
 
 def sweep(args: argparse.Namespace, rest: list[str]) -> list[dict]:
-    """Everything `main` does; returns one result row per member (the Python API)."""
+    """Everything `main` does; returns the results table's rows, one per configuration (the Python API)."""
     start = time.perf_counter()
     device = pick_device(args.device)
     grid = parse_grid(args.grid)
@@ -430,7 +444,7 @@ def sweep(args: argparse.Namespace, rest: list[str]) -> list[dict]:
             raise UserError(f"{', '.join(sorted(overlap))} is in both --grid and --configs; give it in one place")
         grid = {**file_grid, **grid}
     configurations = expand(entries, grid)
-    base = solo.parse_args(["--cache", args.cache, "--out", "unused", *rest])
+    base = parse_shared(args, rest)
     if base.live:
         raise UserError("a sweep trains from the cache only; drop --live")
     sources = open_sources(base, torch.device("cpu"))
@@ -448,8 +462,8 @@ def sweep(args: argparse.Namespace, rest: list[str]) -> list[dict]:
     say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
     say(f"sweep: {len(members)} configurations, {len(members) - len(todo)} already finished, {len(todo)} to train")
     if todo:
-        data = materialize(sources, union_config(todo), args.cache)
         union = union_config(todo)
+        data = materialize(sources, union, args.cache)
         for m in todo:
             enc = layer_index(union.encoder_layers, m.side_cfg.encoder_layers)
             dec = layer_index(union.decoder_layers, m.side_cfg.decoder_layers) if union.decoder_layers else None
@@ -467,14 +481,14 @@ def sweep(args: argparse.Namespace, rest: list[str]) -> list[dict]:
         for key, group in sorted(groups.items()):
             chunks = [chunk for k, chunk in plan if k == key]
             if len(chunks) > 1:
-                need = sum(m.memory_estimate for m in group)
+                need = pass_bytes(group)
                 limit = f"memory budget {budget / 2**20:,.0f} MiB" if budget else "no memory limit"
                 cap = f", --max-parallel {args.max_parallel}" if args.max_parallel else ""
                 print(f"batch size {key[0]}, seed {key[1]}: {len(group)} networks need about {need / 2**20:,.0f} MiB together "
                       f"({limit}{cap}); running them in {len(chunks)} passes of at most {max(map(len, chunks))}", file=sys.stderr)
         for number, (key, chunk) in enumerate(plan, 1):
             info = {"pass": number, "passes": len(plan), "batch_size": key[0], "seed": key[1],
-                    "members": [m.name for m in chunk], "memory_estimate_bytes": sum(m.memory_estimate for m in chunk),
+                    "members": [m.name for m in chunk], "memory_estimate_bytes": pass_bytes(chunk),
                     "memory_budget_bytes": budget}
             record["passes"].append(info)
             (out / "sweep.json").write_text(json.dumps(record, indent=1))
@@ -494,49 +508,47 @@ def sweep(args: argparse.Namespace, rest: list[str]) -> list[dict]:
 # --- results -----------------------------------------------------------------------------------
 
 
-def _metric(summary: dict, key: str, name: str) -> float | None:
-    block = summary.get(key) or {}
-    return block.get(name)
+def metric_names(metrics: list[str]) -> list[str]:
+    return [*metrics, "score"] if len(metrics) > 1 else list(metrics)
 
 
 def member_rows(members: list[Member], metrics: list[str]) -> list[dict]:
-    """One row per finished member, from its summary.json."""
+    """One row per finished member, from its summary.json; every option the sweep varies as a column."""
+    keys = list(dict.fromkeys(k for m in members for k in m.overrides if k != "seed"))
     rows = []
     for m in members:
         path = m.run_dir / "summary.json"
         if not path.is_file():
             continue
         s = json.loads(path.read_text())
-        val_key = "validation_best" if s.get("validation_best") else "validation_last"
-        test_key = "test_at_best_validation" if s.get("validation_best") else "test_last"
-        row = {"name": m.name, **{k: v for k, v in m.overrides.items()}, "seed": m.train_cfg.seed,
-               "config": member_name({k: v for k, v in m.overrides.items() if k != "seed"}),
-               "trainable_parameters": s["trainable_parameters"], "trainable_share_pct": 100 * s["trainable_share"],
+        options = {k: m.overrides.get(k, str(getattr(m.args, k))) for k in keys}
+        best = bool(s.get("validation_best"))
+        row = {"name": m.name, "config": "_".join(f"{k}={v}" for k, v in options.items()) or "base", **options,
+               "seed": m.train_cfg.seed, "trainable_parameters": s["trainable_parameters"],
+               "trainable_share_pct": 100 * s["trainable_share"],
                "training_memory_mib": s.get("training_memory_bytes", s["peak_memory_bytes"]) / 2**20,
-               "peak_memory_mib": s["peak_memory_bytes"] / 2**20, "train_seconds": s["train_seconds"],
-               "epochs": s["epochs"], "steps": s["steps"]}
-        for name in [*metrics, "score"] if len(metrics) > 1 else metrics:
-            row[f"validation_{name}"] = _metric(s, val_key, name)
-            row[f"test_{name}"] = _metric(s, test_key, name)
+               "train_seconds": s["train_seconds"], "epochs": s["epochs"], "steps": s["steps"]}
+        for name in metric_names(metrics):
+            row[f"validation_{name}"] = (s.get("validation_best" if best else "validation_last") or {}).get(name)
+            row[f"test_{name}"] = (s.get("test_at_best_validation" if best else "test_last") or {}).get(name)
         rows.append(row)
     return rows
 
 
-def aggregate(rows: list[dict], metrics: list[str]) -> list[dict]:
-    """One row per configuration: seeds pooled into mean and sample standard deviation."""
-    names = [*metrics, "score"] if len(metrics) > 1 else metrics
+def aggregate(rows: list[dict], metrics: list[str], option_keys: list[str]) -> list[dict]:
+    """One row per configuration (options other than the seed): mean and sample standard deviation over seeds."""
     by_config: dict[str, list[dict]] = {}
     for row in rows:
         by_config.setdefault(row["config"], []).append(row)
     out = []
     for config, group in by_config.items():
         first = group[0]
-        agg = {"config": config, **{k: first[k] for k in first if k not in ("name", "config", "seed") and k in group[0]
-                                      and not k.startswith(("validation_", "test_", "training_", "peak_", "train_"))},
-               "seeds": len(group), "training_memory_mib": float(np.mean([r["training_memory_mib"] for r in group])),
+        agg = {"config": config, **{k: first[k] for k in option_keys}, "seeds": len(group),
+               "trainable_parameters": first["trainable_parameters"], "trainable_share_pct": first["trainable_share_pct"],
+               "training_memory_mib": float(np.mean([r["training_memory_mib"] for r in group])),
                "train_seconds": float(np.mean([r["train_seconds"] for r in group]))}
         for split in ("validation", "test"):
-            for name in names:
+            for name in metric_names(metrics):
                 values = [r[f"{split}_{name}"] for r in group if r.get(f"{split}_{name}") is not None]
                 agg[f"{split}_{name}_mean"] = float(np.mean(values)) if values else None
                 agg[f"{split}_{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
@@ -553,14 +565,13 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def markdown_table(configs: list[dict], metrics: list[str]) -> str:
-    names = [*metrics, "score"] if len(metrics) > 1 else metrics
-
     def pm(row: dict, key: str) -> str:
         mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
         if mean is None:
             return "-"
         return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
 
+    names = metric_names(metrics)
     head = ["configuration", "seeds", "trainable params", "share", "training memory", "train time"]
     head += [f"validation {n}" for n in names] + [f"test {n}" for n in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -572,76 +583,74 @@ def markdown_table(configs: list[dict], metrics: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+TABLE_NOTE = ("Mean ± sample standard deviation over seeds (no ± with one seed). Validation: the best epoch; "
+              "test: at the best validation epoch. Training memory: parameters, buffers, gradients, AdamW state and "
+              "the largest step's saved activations. Train time: the network's own steps plus its share of batch reads.\n\n")
+
+
 def write_results(out: Path, members: list[Member], metrics: list[str]) -> list[dict]:
-    """runs.csv (one row per run), results.csv/.md (one per configuration), two PNG plots."""
+    """runs.csv (one row per run), results.csv/.md (one row per configuration), two PNG plots."""
     rows = member_rows(members, metrics)
     if not rows:
-        return rows
-    configs = aggregate(rows, metrics)
+        return []
+    option_keys = [k for k in rows[0] if k in {k for m in members for k in m.overrides} and k != "seed"]
+    configs = aggregate(rows, metrics, option_keys)
     write_csv(out / "runs.csv", rows)
     write_csv(out / "results.csv", configs)
-    note = ("Mean ± sample standard deviation over seeds. Validation: best epoch; test: at the best validation epoch. "
-            "Training memory: parameters, buffers, gradients, AdamW state and the largest step's saved activations. "
-            "Train time: the network's own steps and its share of batch reads.\n\n")
-    (out / "results.md").write_text(note + markdown_table(configs, metrics))
-    plot_results(out, configs, metrics)
-    return rows
+    (out / "results.md").write_text(TABLE_NOTE + markdown_table(configs, metrics))
+    plot_results(out, configs, metrics, option_keys)
+    return configs
 
 
-def plot_results(out: Path, configs: list[dict], metrics: list[str]) -> None:
-    """metric_vs_parameters.png and metric_vs_memory.png, after the paper's Figures 5 and 6."""
+def plot_results(out: Path, configs: list[dict], metrics: list[str], option_keys: list[str]) -> None:
+    """metric_vs_parameters.png and metric_vs_memory.png, after the paper's Figures 5 and 6.
+
+    Configurations that differ only in size (reduction, drop_layers, side_layers) form one
+    line; every other option that varies starts a new line. Error bars: std over seeds.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     key = "score" if len(metrics) > 1 else metrics[0]
-    label = "test score (mean of metrics)" if len(metrics) > 1 else f"test {key}"
-    option_keys = [k for k in configs[0] if k in FIXED_OPTIONS or k in _run_option_names()]
-    varying = [k for k in option_keys if len({str(c.get(k)) for c in configs}) > 1]
+    y_label = "test score (mean of the metrics)" if len(metrics) > 1 else f"test {key}"
+    varying = [k for k in option_keys if len({str(c[k]) for c in configs}) > 1]
     size_keys = [k for k in varying if k in SIZE_OPTIONS]
-    series_keys = [k for k in varying if k not in SIZE_OPTIONS]
     series: dict[str, list[dict]] = {}
     for c in configs:
-        series.setdefault(", ".join(f"{k}={c.get(k)}" for k in series_keys) or "LST", []).append(c)
+        series.setdefault(", ".join(f"{k}={c[k]}" for k in varying if k not in SIZE_OPTIONS) or "LST", []).append(c)
     for x_key, x_label, filename, log in (
         ("trainable_share_pct", "trainable parameters (% of the backbone)", "metric_vs_parameters.png", True),
         ("training_memory_mib", "training memory (MiB)", "metric_vs_memory.png", False),
     ):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for name, points in series.items():
-            points = sorted((p for p in points if p.get(f"test_{key}_mean") is not None), key=lambda p: p[x_key])
+            points = sorted((p for p in points if p[f"test_{key}_mean"] is not None), key=lambda p: p[x_key])
             if not points:
                 continue
-            xs = [p[x_key] for p in points]
-            ys = [p[f"test_{key}_mean"] for p in points]
-            errs = [p[f"test_{key}_std"] or 0.0 for p in points]
-            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=name)
+            xs, ys = [p[x_key] for p in points], [p[f"test_{key}_mean"] for p in points]
+            ax.errorbar(xs, ys, yerr=[p[f"test_{key}_std"] or 0.0 for p in points], marker="o", capsize=3, label=name)
             for p, x, y in zip(points, xs, ys, strict=True):
-                tag = ", ".join(f"{k}={p.get(k)}" for k in size_keys) if size_keys else p["config"]
+                tag = ", ".join(f"{k}={p[k]}" for k in size_keys) if size_keys else p["config"]
                 ax.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if log:
             ax.set_xscale("log")
         ax.set_xlabel(x_label)
-        ax.set_ylabel(label)
+        ax.set_ylabel(y_label)
         ax.grid(True, alpha=0.3)
         if len(series) > 1:
             ax.legend(fontsize=7)
-        ax.set_title("LST sweep: " + label + " vs " + x_label.split(" (")[0])
+        ax.set_title(f"{y_label} vs {x_label.split(' (')[0]}")
         fig.tight_layout()
         fig.savefig(out / filename, dpi=120)
         plt.close(fig)
 
 
-def _run_option_names() -> set[str]:
-    return set(vars(solo.parse_args(["--cache", "x", "--out", "x"])))
-
-
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args, rest = parse_args(argv)
-    rows = sweep(args, rest)
-    configs = aggregate(rows, ["accuracy"]) if False else None  # noqa: F841 (kept simple: print the table file)
+    sweep(args, rest)
     table = Path(args.out) / "results.md"
     if table.is_file():
         print(table.read_text())

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from shared.tasks import TaskSpec
 from side_train.checkpoint import load_checkpoint, save_checkpoint
-from side_train.data import Batch, epoch_batches
+from side_train.data import Batch, epoch_batches, iter_batches
 from side_train.evaluate import evaluate
 from side_train.model import LadderSideNetwork
 
@@ -141,7 +141,7 @@ class TrainState:
         with self.own_rng():
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 if self.track_memory:
-                    with saved_tensor_meter(self.params) as meter:
+                    with saved_tensor_meter(self.model) as meter:
                         loss = self.model.loss(batch)
                     self.activation_bytes = max(self.activation_bytes, meter.bytes)
                 else:
@@ -192,10 +192,10 @@ class TrainState:
 
 
 class saved_tensor_meter:  # noqa: N801 (used as a context manager)
-    """Sum the bytes of tensors autograd saves for backward, parameters excluded, each storage once."""
+    """Sum the bytes of tensors autograd saves for backward, each storage once, the model's own weights excluded."""
 
-    def __init__(self, params: list[torch.Tensor]):
-        self.skip = {p.untyped_storage().data_ptr() for p in params}
+    def __init__(self, model: torch.nn.Module):
+        self.skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
         self.seen: set[int] = set()
         self.bytes = 0
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
@@ -237,10 +237,10 @@ def train(
                 break
             batches = state.batches(epoch)
             t0, seen = time.perf_counter(), 0
-            for index in range(state.first_batch(epoch), len(batches)):
+            for index, batch in iter_batches(train_source, batches, state.first_batch(epoch)):
                 if state.done:
                     break
-                batch = train_source.batch(batches[index]).to(device)
+                batch = batch.to(device)
                 loss = state.step(batch, epoch, index, len(batches))
                 seen += batch.size
                 rate = seen / (time.perf_counter() - t0)

@@ -1,0 +1,164 @@
+"""Streaming ladder states from disk, a pool at a time, in worker processes.
+
+The sampler (`side_train.data.epoch_batches`) draws each epoch's batches from pools of a
+few blocks of consecutive stored examples. `StreamingSplit.stream` hands the pools to a
+`torch.utils.data.DataLoader` over `PoolDataset`: each item is one whole pool, read as a
+few contiguous token ranges (only the layers the side network uses) and cut into its
+padded batches. Workers start with `spawn` and open the zarr arrays lazily; batches come
+back in pinned memory when a GPU is used, and the loader prefetches the next pools while
+the current ones train. With `workers=0` the same code runs in a background thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.cache_format import StackReader, read_examples
+from shared.errors import UserError
+from side_train.data import Batch, EpochPlan, gather_padded, pad_ids, read_layers, state_positions
+
+
+class PoolDataset(torch.utils.data.Dataset):
+    """Item i = (pool index, [(batch index, Batch), ...]) for pools[i] of an epoch plan."""
+
+    def __init__(self, cache_dir: Path, manifest: dict, split: str, positions: dict[str, list[int]],
+                 labels: np.ndarray, plan: EpochPlan, first: int):
+        self.cache_dir, self.split, self.positions, self.labels = Path(cache_dir), split, positions, labels
+        self.meta = {s: manifest["splits"][split]["stacks"][s] for s in positions}
+        self.pools, self.first = plan.pools, first
+        self.start_pool = next(i for i, (a, b, _) in enumerate(plan.pools) if b > first) if first < len(plan) else len(plan.pools)
+        self.plan = [np.asarray(b) for b in plan]
+        self.readers: dict[str, StackReader] | None = None  # opened lazily, once per process
+
+    def __len__(self) -> int:
+        return len(self.pools) - self.start_pool
+
+    def _open(self) -> dict[str, StackReader]:
+        if self.readers is None:
+            self.readers = {s: StackReader(self.cache_dir, self.split, s, m) for s, m in self.meta.items()}
+        return self.readers
+
+    def __getitem__(self, item: int):
+        readers = self._open()
+        pool = self.start_pool + item
+        first_batch, stop_batch, ranges = self.pools[pool]
+        rows = np.concatenate([np.arange(a, b) for a, b in ranges])
+        local = np.full(rows[-1] + 1, -1, dtype=np.int64)
+        local[rows] = np.arange(len(rows))
+        stores, offsets = {}, {}
+        for stack, reader in readers.items():
+            lengths = np.diff(reader.offsets)[rows]
+            offsets[stack] = np.concatenate([[0], np.cumsum(lengths)])
+            store = torch.empty((int(offsets[stack][-1]), len(self.positions[stack]), reader.hidden.shape[2]), dtype=torch.bfloat16)
+            cursor = 0
+            for a, b in ranges:
+                start, stop = int(reader.offsets[a]), int(reader.offsets[b])
+                read_layers(reader, start, stop, self.positions[stack], store[cursor : cursor + stop - start])
+                cursor += stop - start
+            stores[stack] = store
+        out = []
+        for index in range(max(first_batch, self.first), stop_batch):
+            batch_rows = self.plan[index]
+            sequences = local[batch_rows]
+            enc_states, enc_mask = gather_padded(stores["encoder"], offsets["encoder"], sequences)
+            batch = Batch(torch.from_numpy(batch_rows), enc_states, enc_mask, torch.from_numpy(self.labels[batch_rows]))
+            if "decoder" in stores:
+                dec = readers["decoder"]
+                batch.dec_states, batch.dec_mask = gather_padded(stores["decoder"], offsets["decoder"], sequences)
+                batch.dec_labels = pad_ids(dec.labels, dec.offsets, batch_rows, -100)
+            out.append((index, batch))
+        return pool, out
+
+
+class StreamingSplit:
+    """A split read from disk as it is consumed (training), or a contiguous range at a time (evaluation)."""
+
+    def __init__(self, cache_dir: Path, manifest: dict, split: str, enc_layers: list[int], dec_layers: list[int],
+                 workers: int = 2, pin_memory: bool = False):
+        if split not in manifest["splits"]:
+            raise UserError(f"the cache has no {split!r} split (it has {', '.join(manifest['splits'])}); extract it with --splits")
+        self.cache_dir, self.manifest, self.split = Path(cache_dir), manifest, split
+        self.workers, self.pin_memory = workers, pin_memory
+        meta = manifest["splits"][split]["stacks"]
+        wanted = {"encoder": enc_layers, "decoder": dec_layers}
+        self.readers = {s: StackReader(cache_dir, split, s, meta[s]) for s in meta if s in wanted}
+        self.positions = {s: state_positions(r.layers, wanted[s], s) for s, r in self.readers.items()}
+        self.examples = read_examples(cache_dir, split)
+        self.labels = np.asarray(self.examples.column("label").to_numpy(), dtype=np.float64)
+        self.lengths = self.readers["encoder"].lengths()
+        self.num_candidates = 0
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, rows: np.ndarray, candidates: bool = False) -> Batch:
+        """Read the rows' span of storage once and cut the batch from it (rows should be close together)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        pieces = {}
+        for stack, reader in self.readers.items():
+            start, stop = int(reader.offsets[lo]), int(reader.offsets[hi])
+            store = torch.empty((stop - start, len(self.positions[stack]), reader.hidden.shape[2]), dtype=torch.bfloat16)
+            read_layers(reader, start, stop, self.positions[stack], store)
+            pieces[stack] = (store, reader.offsets[lo : hi + 1] - start)
+        enc_states, enc_mask = gather_padded(*pieces["encoder"], rows - lo)
+        batch = Batch(torch.from_numpy(rows), enc_states, enc_mask, torch.from_numpy(self.labels[rows]))
+        if "decoder" in pieces:
+            dec = self.readers["decoder"]
+            batch.dec_states, batch.dec_mask = gather_padded(*pieces["decoder"], rows - lo)
+            batch.dec_labels = pad_ids(dec.labels, dec.offsets, rows, -100)
+        return batch
+
+    def stream(self, plan: EpochPlan, first: int = 0) -> Iterator[tuple[int, Batch]]:
+        """(index, Batch) for batches first.. of the epoch, pools read ahead by workers."""
+        dataset = PoolDataset(self.cache_dir, self.manifest, self.split, self.positions, self.labels, plan, first)
+        if self.workers > 0:
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=None, shuffle=False, num_workers=self.workers, multiprocessing_context="spawn",
+                prefetch_factor=2, pin_memory=self.pin_memory,
+            )
+            for _pool, batches in loader:
+                yield from batches
+            return
+        yield from _threaded(dataset)
+
+
+def _threaded(dataset: PoolDataset, ahead: int = 2) -> Iterator[tuple[int, Batch]]:
+    """Read pools on a background thread (zarr decoding and torch copies release the GIL)."""
+    ready: queue.Queue = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in range(len(dataset)):
+                if stop.is_set():
+                    return
+                ready.put(dataset[item])
+        except BaseException as err:  # re-raised in the consumer
+            ready.put(err)
+        ready.put(None)
+
+    thread = threading.Thread(target=produce, name="pool-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield from item[1]
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                ready.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)

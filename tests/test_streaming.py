@@ -1,0 +1,74 @@
+"""Streaming from disk: the same batches as RAM and live, block shuffle, only the layers used."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+from conftest import assert_one_line_error, run_cli
+
+from shared.cache_format import read_manifest
+from side_train.data import block_bounds, epoch_batches
+from side_train.run import parse_args, run
+
+
+def losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+
+
+def test_block_shuffle_is_a_deterministic_permutation_by_pools():
+    lengths = np.sort(np.random.default_rng(0).integers(3, 90, 5000))[::-1].copy()
+    plan = epoch_batches(lengths, 64, seed=3, epoch=1)
+    rows = np.concatenate(plan)
+    assert np.array_equal(np.sort(rows), np.arange(5000))
+    assert all(np.array_equal(a, b) for a, b in zip(plan, epoch_batches(lengths, 64, seed=3, epoch=1)))
+    assert not np.array_equal(rows, np.concatenate(epoch_batches(lengths, 64, seed=3, epoch=2)))
+    covered = 0
+    for first, stop, ranges in plan.pools:
+        allowed = np.concatenate([np.arange(a, b) for a, b in ranges])
+        assert np.isin(np.concatenate(plan[first:stop]), allowed).all()
+        covered += stop - first
+    assert covered == len(plan)
+    bounds = block_bounds(lengths)
+    assert bounds[0] == 0 and bounds[-1] == 5000 and np.all(np.diff(bounds) > 0)
+    sizes = [lengths[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])]
+    assert max(sizes[:-1]) < 4096 + lengths.max()
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_disk_tier_gives_the_same_losses_as_ram(t5_cache, tmp_path, workers):
+    common = ["--cache", str(t5_cache), "--epochs", "2", "--batch-size", "8", "--warmup-steps", "2", "--quiet"]
+    ram = run(parse_args([*common, "--tier", "ram", "--out", str(tmp_path / "ram")]))
+    disk = run(parse_args([*common, "--tier", "disk", "--reader-workers", workers, "--out", str(tmp_path / "disk")]))
+    assert ram["tier"] == "ram" and disk["tier"] == "disk"
+    assert losses(tmp_path / "ram") == losses(tmp_path / "disk")
+    assert ram["test_last"] == disk["test_last"]
+
+
+def test_streaming_reads_only_the_layers_used(t5_cache, monkeypatch):
+    from side_train import data
+    from side_train.streaming import StreamingSplit
+
+    requested = []
+    real = data.StackReader.read_tokens
+
+    def spy(self, start, stop, layers=None):
+        requested.append((self.path.name, layers))
+        return real(self, start, stop, layers)
+
+    monkeypatch.setattr(data.StackReader, "read_tokens", spy)
+    manifest = read_manifest(t5_cache)
+    split = StreamingSplit(t5_cache, manifest, "train", [2], [0], workers=0)  # encoder states 0 and 3, decoder 0 and 1
+    batches = list(split.stream(epoch_batches(split.lengths, 8, 0, 0)))
+    assert len(batches) == 5 and batches[0][1].enc_states.shape[2] == 2
+    assert {(name, sl.start, sl.stop) for name, sl in requested} == {("encoder", 0, 1), ("encoder", 3, 4), ("decoder", 0, 2)}
+    chunks = zarr.open_array(str(t5_cache / "train" / "encoder" / "hidden"), mode="r").metadata.codecs[0].chunk_shape
+    assert chunks[1] == 1  # one layer per inner chunk, so skipped layers are never decoded
+
+
+def test_gpu_tier_without_a_gpu_is_one_line(t5_cache, tmp_path):
+    proc = run_cli("side_train.run", "--cache", str(t5_cache), "--out", str(tmp_path / "r"), "--device", "cpu", "--tier", "gpu",
+                   check=False)
+    assert_one_line_error(proc, "--tier gpu needs --device cuda")

@@ -1,0 +1,190 @@
+"""Sweeps: each network trained in a sweep equals the same configuration trained alone.
+
+A tiny random BERT (3 layers, d=64) with the embedded MiniLM tokenizer keeps this fast; its
+cache holds 40 examples per split. Members differ in layers read (drop_layers) and seed,
+so the test covers layer slicing from a union batch and one batch stream per seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from shared.errors import UserError
+from side_train import run as solo
+from side_train import sweep as sweep_mod
+from side_train.train import TrainState
+
+SHARED = ["--init", "magnitude", "--epochs", "2", "--batch-size", "16", "--warmup-steps", "3", "--lr", "1e-2"]
+GRID = ["drop_layers=0,1", "seed=0,1"]
+NAMES = ["drop_layers=0_seed=0", "drop_layers=0_seed=1", "drop_layers=1_seed=0", "drop_layers=1_seed=1"]
+
+
+def make_tiny_bert(folder: Path) -> Path:
+    from transformers import BertConfig, BertModel
+
+    from shared.backbones import default_model_dir
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (default_model_dir() / name).exists():
+            shutil.copy(default_model_dir() / name, folder / name)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one intra-op thread is faster and steadier on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, one_thread) -> Path:
+    from backbone_cache.extract import main as extract
+
+    root = tmp_path_factory.mktemp("sweep")
+    model = make_tiny_bert(root / "bert")
+    out = root / "cache"
+    assert extract(["--model", str(model), "--out", str(out), "--limit", "40", "--max-length", "24",
+                    "--importance", "magnitude", "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(cache, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sweep_out") / "s"
+    assert sweep_mod.main(["--cache", str(cache), "--out", str(out), "--grid", *GRID, "--quiet", *SHARED]) == 0
+    return out
+
+
+def records(path: Path) -> list[dict]:
+    """metrics.jsonl without wall-clock fields."""
+    return [{k: v for k, v in json.loads(line).items() if k != "epoch_seconds"} for line in path.read_text().splitlines()]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    left, right = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
+@pytest.mark.parametrize("name, flags", [("drop_layers=1_seed=1", ["--drop-layers", "1", "--seed", "1"]),
+                                         ("drop_layers=0_seed=0", ["--drop-layers", "0", "--seed", "0"])])
+def test_sweep_member_matches_run_alone(cache, finished_sweep, tmp_path, name, flags):
+    alone = tmp_path / "alone"
+    assert solo.main(["--cache", str(cache), "--out", str(alone), *SHARED, *flags]) == 0  # members are never --quiet (part of the identity)
+    member = finished_sweep / "runs" / name
+    losses = [r["loss"] for r in records(alone / "metrics.jsonl") if r["type"] == "train"]
+    assert len(losses) == 6 and len(set(losses)) > 1
+    assert records(member / "metrics.jsonl") == records(alone / "metrics.jsonl")  # every loss, lr and eval metric
+    s_member, s_alone = (json.loads((d / "summary.json").read_text()) for d in (member, alone))
+    for key in ("steps", "epochs", "best_epoch", "validation_best", "test_at_best_validation", "test_last",
+                "trainable_parameters", "trainable_share"):
+        assert s_member[key] == s_alone[key], key
+    c_member, c_alone = (json.loads((d / "config.json").read_text()) for d in (member, alone))
+    assert c_member["identity"] == c_alone["identity"]
+    for folder in ("side_model", "best_side_model", "checkpoint"):
+        assert same_weights(member / folder, alone / folder), folder
+
+
+def test_sweep_results_tables_and_plots(finished_sweep):
+    with open(finished_sweep / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    with open(finished_sweep / "results.csv") as f:
+        configs = list(csv.DictReader(f))
+    assert sorted(r["name"] for r in runs) == NAMES
+    assert [c["config"] for c in configs] == ["drop_layers=0", "drop_layers=1"] and all(c["seeds"] == "2" for c in configs)
+    for c in configs:
+        tests = [float(r["test_accuracy"]) for r in runs if r["config"] == c["config"]]
+        assert float(c["test_accuracy_mean"]) == pytest.approx(np.mean(tests))
+        assert float(c["test_accuracy_std"]) == pytest.approx(np.std(tests, ddof=1))
+        summary = json.loads((finished_sweep / "runs" / f"{c['config']}_seed=0" / "summary.json").read_text())
+        assert int(c["trainable_parameters"]) == summary["trainable_parameters"]
+        assert float(c["trainable_share_pct"]) == pytest.approx(100 * summary["trainable_share"])
+        assert summary["training_memory_bytes"] > 4 * 3 * summary["trainable_parameters"]
+    small, large = sorted(configs, key=lambda c: int(c["trainable_parameters"]))
+    assert small["config"] == "drop_layers=1"  # one fewer side layer
+    table = (finished_sweep / "results.md").read_text()
+    assert "| drop_layers=0 | 2 |" in table and "±" in table
+    for png in ("metric_vs_parameters.png", "metric_vs_memory.png"):
+        assert (finished_sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plan = json.loads((finished_sweep / "sweep.json").read_text())
+    assert [(p["seed"], len(p["members"])) for p in plan["passes"]] == [(0, 2), (1, 2)]  # one pass per seed
+
+
+def test_killed_sweep_resumes_and_keeps_finished_runs(cache, finished_sweep, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "s"
+    argv = ["--cache", str(cache), "--out", str(out), "--grid", *GRID, "--quiet", "--max-parallel", "1", *SHARED]
+    real_step, calls = TrainState.step, {"n": 0}
+
+    def dies_on_step_11(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 11:  # passes of one network, 6 steps each: the second one, mid epoch 1
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrainState, "step", dies_on_step_11)
+    assert sweep_mod.main(argv) == 130
+    assert "running them in 2 passes of at most 1" in capsys.readouterr().err
+    first, killed = out / "runs" / "drop_layers=0_seed=0", out / "runs" / "drop_layers=1_seed=0"
+    assert (first / "summary.json").is_file() and not (killed / "summary.json").exists()
+    assert json.loads((killed / "checkpoint" / "state.json").read_text())["progress"]["epoch"] == 1
+    first = first / "summary.json"
+    first_written = first.stat().st_mtime_ns
+    monkeypatch.setattr(TrainState, "step", real_step)
+    assert sweep_mod.main(argv) == 0
+    assert first.stat().st_mtime_ns == first_written  # kept, not retrained
+    for name in NAMES:
+        assert records(out / "runs" / name / "metrics.jsonl") == records(finished_sweep / "runs" / name / "metrics.jsonl"), name
+        assert same_weights(out / "runs" / name / "side_model", finished_sweep / "runs" / name / "side_model")
+    assert sweep_mod.main(argv) == 0  # all finished: nothing to train, tables rewritten
+    assert "| drop_layers=1 | 2 |" in (out / "results.md").read_text()
+
+
+def test_configs_file_and_errors(cache, tmp_path, capsys):
+    path = tmp_path / "configs.yaml"
+    path.write_text("grid:\n  lr: [1e-2, 3e-3]\nconfigs:\n  - {name: top, side_layers: [1, 2]}\n  - {reduction: 8}\n")
+    grid, entries = sweep_mod.load_config_file(path)
+    assert grid == {"lr": ["1e-2", "3e-3"]} and entries == [{"name": "top", "side_layers": "1,2"}, {"reduction": "8"}]
+    configurations = sweep_mod.expand(entries, grid)
+    assert len(configurations) == 4 and configurations[0] == {"lr": "1e-2", "name": "top", "side_layers": "1,2"}
+    assert sweep_mod.parse_grid(["reduction=4,8", "lr=1e-3"]) == {"reduction": ["4", "8"], "lr": ["1e-3"]}
+    assert sweep_mod.parse_bytes("1.5GiB") == 3 * 2**29 and sweep_mod.parse_bytes("500MB") == 500 * 2**20
+    for bad in (["lr"], ["lr="], ["lr=1", "lr=2"]):
+        with pytest.raises(UserError, match="--grid"):
+            sweep_mod.parse_grid(bad)
+    with pytest.raises(UserError, match="memory-budget"):
+        sweep_mod.parse_bytes("lots")
+    base = ["--cache", str(cache), "--out", str(tmp_path / "bad"), "--quiet"]
+    for grid_item, message in (("width=1,2", "not a side_train.run option"), ("limit=5,6", "fixed for the whole sweep"),
+                               ("reduction=5,8", "does not divide")):
+        assert sweep_mod.main([*base, "--grid", grid_item]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_plan_passes_respects_budget_and_count():
+    def member(name: str, resident: int, step: int) -> sweep_mod.Member:
+        m = sweep_mod.Member(name, {}, None, None, None, Path(name), {})
+        m.resident_bytes, m.step_bytes = resident, step
+        return m
+
+    members = [member(str(i), r, 10) for i, r in enumerate([30, 20, 20, 40, 5])]  # alone: 40, 30, 30, 50, 15
+    resident = lambda passes: [[m.resident_bytes for m in p] for p in passes]  # noqa: E731
+    assert sweep_mod.pass_bytes(members) == 125  # steps run one at a time: one step's memory on top
+    assert resident(sweep_mod.plan_passes(members, None, 0)) == [[30, 20, 20, 40, 5]]
+    assert resident(sweep_mod.plan_passes(members, 80, 0)) == [[30, 20, 20], [40, 5]]
+    assert resident(sweep_mod.plan_passes(members, 80, 2)) == [[30, 20], [20, 40], [5]]
+    assert resident(sweep_mod.plan_passes(members, 20, 0)) == [[30], [20], [20], [40], [5]]  # too big alone: still runs
