@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--codec", default="zstd1", choices=CODECS, help="compression of hidden states")
     p.add_argument("--chunk-mib", type=float, default=2.0, help="target inner chunk size (read unit)")
     p.add_argument("--shard-mib", type=float, default=256.0, help="target shard size (write unit, one file)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp8", "int8"],
+                   help="stored precision: bf16 bits, fp8 e4m3 with per-token scales, or int8 with outlier channels in bf16")
+    p.add_argument("--outlier-channels", type=int, default=4, help="int8: channels per layer kept in bf16")
     p.add_argument("--importance", default="fisher", choices=["fisher", "magnitude", "none"], help="importance scores for pruned init")
     p.add_argument("--fisher-samples", type=int, default=1024, help="training examples for Fisher importance")
     p.add_argument("--overwrite", action="store_true", help="replace a complete or different cache at --out")
@@ -71,6 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.limit is not None and args.limit <= 0:
         raise UserError(f"--limit must be positive, got {args.limit}")
+    if args.precision == "int8" and args.outlier_channels <= 0:
+        raise UserError(f"--outlier-channels must be positive for int8, got {args.outlier_channels}")
     if args.chunk_mib <= 0 or args.shard_mib < args.chunk_mib:
         raise UserError("--chunk-mib must be positive and --shard-mib at least --chunk-mib")
     return args
@@ -155,6 +160,7 @@ class Extraction:
             "batch_size": self.args.batch_size,
             "layers": self.layers,
             "codec": self.args.codec,
+            "precision": [self.args.precision, self.args.outlier_channels if self.args.precision == "int8" else 0],
             "geometry": self.geometry,
             "compute_dtype": str(self.backbone.dtype).removeprefix("torch."),
         }
@@ -174,6 +180,7 @@ class Extraction:
                     "shard_tokens": shard,
                     "num_shards": max(1, -(-tokens // shard)),
                     "shards_done": 0,
+                    "precision": self.args.precision,
                 }
             splits[split] = {"num_examples": plan.num_examples, "stacks": stacks, "complete": False}
         return {
@@ -189,7 +196,9 @@ class Extraction:
             "batch_size": self.args.batch_size,
             "limit": self.args.limit,
             "compute_dtype": str(self.backbone.dtype).removeprefix("torch."),
-            "storage": {"logical_dtype": "bfloat16", "zarr_dtype": "uint16", "codec": self.args.codec},
+            "storage": {"logical_dtype": "bfloat16", "zarr_dtype": {"bf16": "uint16", "fp8": "uint8", "int8": "int8"}[self.args.precision],
+                        "codec": self.args.codec, "precision": self.args.precision,
+                        "outlier_channels": self.args.outlier_channels if self.args.precision == "int8" else 0},
             "importance": None,
             "data_source": {
                 "task": self.args.task,
@@ -261,11 +270,13 @@ class Extraction:
                     shape=(int(offsets[-1]), len(layers), self.info.d_model),
                     chunks=(chunk, 1, self.info.d_model),  # one layer per inner chunk: unused layers are never read
                     shards=(shard, len(layers), self.info.d_model),
-                    dtype="uint16",
+                    dtype={"bf16": "uint16", "fp8": "uint8", "int8": "int8"}[self.args.precision],
                     compressors=compressors(self.args.codec),
                     fill_value=0,
-                    attributes={"logical_dtype": "bfloat16", "layers": layers, "layout": "[token, layer, d]"},
+                    attributes={"logical_dtype": "bfloat16", "layers": layers, "layout": "[token, layer, d]",
+                                "precision": self.args.precision},
                 )
+                self._quantization_arrays(sub, int(offsets[-1]), len(layers), chunk, shard)
                 self._small_array(sub, "offsets", offsets)
                 ids, labels = self.token_arrays(plan, stack)
                 self._small_array(sub, "input_ids", ids)
@@ -286,6 +297,33 @@ class Extraction:
             pq.write_table(pa.table(table), folder / split / "examples.parquet")
         write_json_atomic(folder / MANIFEST, self.manifest)
         return folder
+
+    def _quantization_arrays(self, group, tokens: int, layers: int, chunk: int, shard: int) -> None:
+        """fp8/int8: per-token scales, and for int8 the bf16 outlier channels and their per-shard index."""
+        if self.args.precision == "bf16":
+            return
+        group.create_array("scale", shape=(tokens, layers), chunks=(chunk, 1), shards=(shard, layers), dtype="float32",
+                           compressors=compressors(self.args.codec), fill_value=0)
+        if self.args.precision == "int8":
+            k = self.args.outlier_channels
+            group.create_array("outliers", shape=(tokens, layers, k), chunks=(chunk, 1, k), shards=(shard, layers, k),
+                               dtype="uint16", compressors=compressors(self.args.codec), fill_value=0)
+            group.create_array("outlier_index", shape=(max(1, -(-tokens // shard)), layers, k), chunks=(1, layers, k),
+                               dtype="int32", fill_value=0)
+
+    def shard_encoder(self, group):
+        """The function the writer applies to each finished shard (None for bf16)."""
+        from shared import quantize
+
+        if self.args.precision == "fp8":
+            return lambda bits, index: quantize.encode_fp8(bits)
+
+        def encode_int8(bits, index):
+            outlier_index = quantize.choose_outliers(bits, self.args.outlier_channels)
+            group["outlier_index"][index] = outlier_index
+            return quantize.encode_int8(bits, outlier_index)
+
+        return encode_int8 if self.args.precision == "int8" else None
 
     @staticmethod
     def _small_array(group, name: str, values: np.ndarray) -> None:
@@ -366,7 +404,9 @@ class Extraction:
                 meta["shards_done"] = index + 1
                 write_json_atomic(folder / MANIFEST, self.manifest)
 
-            writers[stack] = StackWriter(array, meta["shard_tokens"], meta["num_tokens"], meta["shards_done"], on_shard, background)
+            group = zarr.open_group(str(folder / plan.name / stack), mode="r+")
+            writers[stack] = StackWriter(array, meta["shard_tokens"], meta["num_tokens"], meta["shards_done"], on_shard, background,
+                                         encoder=self.shard_encoder(group), group=group)
         # The first batch still needed by any stack: the one holding its first uncommitted token.
         first_batch = len(plan.batches)
         for stack, writer in writers.items():

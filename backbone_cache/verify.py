@@ -99,6 +99,7 @@ def check_sample(cache_dir: Path, manifest: dict, samples: int, seed: int, devic
                 k = len(extraction.candidate_ids) if stack == "candidates" else 1
                 first, last = int(plan.offsets[stack][rows.start * k]), int(plan.offsets[stack][rows.stop * k])
                 stored = reader.read_tokens(first, last)
+                bits = reader.requantize(first, bits)
                 if not np.array_equal(stored, bits):
                     raise UserError(f"{split}/{stack}: recomputed states of batch {batch_index} differ from the cache; "
                                     "the cache does not match this model and data")

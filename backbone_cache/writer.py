@@ -68,8 +68,11 @@ class StackWriter:
         shards_done: int,
         on_shard: Callable[[int], None],
         background: BackgroundWriter | None = None,
+        encoder: Callable[[np.ndarray, int], dict[str, np.ndarray]] | None = None,
+        group=None,
     ):
         self.array = array
+        self.encoder, self.group = encoder, group  # fp8/int8: shard bits -> arrays of the stack's group
         self.shard_tokens = shard_tokens
         self.total_tokens = total_tokens
         self.committed = min(shards_done * shard_tokens, total_tokens)  # tokens safely on disk
@@ -135,7 +138,11 @@ class StackWriter:
 
     def _flush(self, buffer: np.ndarray, start: int, count: int) -> None:
         try:
-            self.array[start : start + count] = buffer[:count]
+            if self.encoder is None:
+                self.array[start : start + count] = buffer[:count]
+            else:  # quantize the whole shard, then write each of its arrays
+                for name, values in self.encoder(buffer[:count], start // self.shard_tokens).items():
+                    self.group[name][start : start + count] = values
         finally:
             self.free.put(buffer)
         self.bytes_written += count * buffer[0].nbytes

@@ -11,7 +11,8 @@ Model loading and tokenization are identical on both sides and left out of the t
 Each extract run is paired with a plain pass run just before it (plain, variant 1, plain,
 variant 2, ...; order rotated per round); the table gives medians of the per-pair ratios,
 of wall time and of this process's CPU time (all threads; steadier when other jobs share
-the machine). Sizes are the bytes of the hidden array's shard files. Decode speed is a
+the machine), and the CPU seconds spent off the forward path (compression and writing).
+Sizes are the bytes of the hidden array's shard files. Decode speed is a
 plain `zarr.open_array(...)[:]` of the whole hidden array from a warm page cache; the
 random read is one example's token range, all layers, by its offsets.
 
@@ -27,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,11 +39,31 @@ from backbone_cache.extract import Extraction, pad, parse_args
 from shared.cache_format import CODECS
 
 
-def timed(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process, all threads) of fn()."""
-    wall, cpu = time.perf_counter(), time.process_time()
+def thread_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) of each live thread of this process, by thread id."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def timed(fn) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of the whole process, CPU seconds off the forward path) of fn().
+
+    Off the forward path: Python threads other than the main one (writer, zarr's I/O loop
+    and codec pool), live or ended during fn. The rest is the main thread and torch's
+    intra-op workers.
+    """
+    before, wall, cpu = thread_cpu(), time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    wall, cpu, after = time.perf_counter() - wall, time.process_time() - cpu, thread_cpu()
+    python_threads = {t.native_id for t in threading.enumerate()} - {threading.main_thread().native_id}
+    forward_path = sum(c - before.get(t, 0.0) for t, c in after.items() if t not in python_threads)
+    return wall, cpu, max(0.0, cpu - forward_path)
 
 
 def plain_pass(extraction: Extraction) -> None:
@@ -120,8 +142,8 @@ def main() -> None:
     print(f"data: {plan.num_examples} examples, {tokens:,} tokens, {len(plan.batches)} batches of {args.batch_size}, {layers} layers x d={d}")
     plain_pass(reference)  # warm-up: allocator, kernels
 
-    plain: dict[str, list[tuple[float, float]]] = {n: [] for n in names}  # the plain pass run just before each extract
-    extract: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    plain: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}  # the plain pass run just before each extract
+    extract: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
     decode: dict[str, list[float]] = {n: [] for n in names}
     random_ms: dict[str, list[float]] = {n: [] for n in names}
     sizes: dict[str, int] = {}
@@ -153,19 +175,21 @@ def main() -> None:
     raw = tokens * layers * d * 2
     med = statistics.median
     print(f"\nmachine after: {machine_line()}")
-    all_plain = [w for n in names for w, _ in plain[n]]
+    all_plain = [w for n in names for w, _, _ in plain[n]]
     print(f"plain pass: median {med(all_plain):.2f}s ({tokens / med(all_plain):,.0f} tokens/s, "
           f"{plan.num_examples / med(all_plain):,.0f} examples/s) over {len(all_plain)} runs, min {min(all_plain):.2f}s, max {max(all_plain):.2f}s")
     print("\n| codec chunk:shard MiB | extract s (median) | extract / plain, wall (median) | per-pair wall ratios | "
-          "extract / plain, CPU (median) | bytes / token / layer | vs raw bf16 | whole-array decode GB/s (logical bf16) | "
-          "one random example, ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "extract / plain, CPU (median) | writer + zarr threads, CPU s (median) | same, / plain CPU | bytes / token / layer | "
+          "vs raw bf16 | whole-array decode GB/s (logical bf16) | one random example, ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         wall = [e[0] / p[0] for e, p in zip(extract[name], plain[name])]
         cpu = [e[1] / p[1] for e, p in zip(extract[name], plain[name])]
+        background = [e[2] for e in extract[name]]
+        share = [e[2] / p[1] for e, p in zip(extract[name], plain[name])]
         print(f"| {name} | {med(e[0] for e in extract[name]):.2f} | {med(wall):.3f} | {', '.join(f'{r:.3f}' for r in wall)} | "
-              f"{med(cpu):.3f} | {sizes[name] / (tokens * layers):.1f} | {raw / sizes[name]:.3f}x | "
-              f"{raw / med(decode[name]) / 1e9:.2f} | {med(random_ms[name]):.2f} |")
+              f"{med(cpu):.3f} | {med(background):.2f} | {med(share):.3f} | {sizes[name] / (tokens * layers):.1f} | "
+              f"{raw / sizes[name]:.3f}x | {raw / med(decode[name]) / 1e9:.2f} | {med(random_ms[name]):.2f} |")
     print(f"\nraw bf16: {2 * d} bytes / token / layer; every variant decoded identical bits")
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)

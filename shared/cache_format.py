@@ -177,11 +177,48 @@ class StackReader:
         self.meta = meta
         self.layers: list[int] = list(meta["layers"])
         group = zarr.open_group(str(self.path), mode="r")
+        self.group = group
         self.hidden = group["hidden"]
+        self.precision = meta.get("precision", "bf16")
+        if self.precision == "int8":
+            self.outlier_index = np.asarray(group["outlier_index"][:])  # [shards, layers, k]
         self.offsets = np.asarray(group["offsets"][:], dtype=np.int64)
         self.input_ids = np.asarray(group["input_ids"][:], dtype=np.int32)
         self.labels = np.asarray(group["labels"][:], dtype=np.int32) if "labels" in group else None
         self.token_type_ids = np.asarray(group["token_type_ids"][:], dtype=np.int32) if "token_type_ids" in group else None
+
+    def _decode(self, start: int, stop: int, layers: slice) -> np.ndarray:
+        """fp8 / int8 storage back to bf16 bits (see shared.quantize)."""
+        from shared.quantize import decode_fp8, decode_int8
+
+        codes, scale = self.hidden[start:stop, layers], self.group["scale"][start:stop, layers]
+        if self.precision == "fp8":
+            return decode_fp8(codes, scale)
+        outliers = self.group["outliers"][start:stop, layers]
+        shard = int(self.meta["shard_tokens"])
+        out = np.empty(codes.shape, dtype=np.uint16)
+        for first in range(start - start % shard, stop, shard):  # outlier channels are chosen per shard
+            a, b = max(first, start) - start, min(first + shard, stop) - start
+            index = self.outlier_index[first // shard][layers]
+            out[a:b] = decode_int8(codes[a:b], scale[a:b], outliers[a:b], index)
+        return out
+
+    def requantize(self, start: int, bits: np.ndarray) -> np.ndarray:
+        """What storing fresh bf16 bits for tokens start.. at this stack's precision reads back as."""
+        from shared.quantize import decode_fp8, decode_int8, encode_fp8, encode_int8
+
+        if self.precision == "bf16":
+            return bits
+        if self.precision == "fp8":
+            return decode_fp8(**{k if k == "scale" else "codes": v for k, v in encode_fp8(bits).items()})
+        shard = int(self.meta["shard_tokens"])
+        out = np.empty_like(bits)
+        for first in range(start - start % shard, start + len(bits), shard):
+            a, b = max(first, start) - start, min(first + shard, start + len(bits)) - start
+            index = self.outlier_index[first // shard]
+            parts = encode_int8(bits[a:b], index)
+            out[a:b] = decode_int8(parts["hidden"], parts["scale"], parts["outliers"], index)
+        return out
 
     @property
     def num_sequences(self) -> int:
@@ -192,8 +229,11 @@ class StackReader:
 
     def read_tokens(self, start: int, stop: int, layers: slice | None = None) -> np.ndarray:
         """uint16 bf16 bits [stop - start, layers, d]; a failed checksum is a user error."""
+        layers = slice(None) if layers is None else layers
         try:
-            return self.hidden[start:stop] if layers is None else self.hidden[start:stop, layers]
+            if self.precision == "bf16":
+                return self.hidden[start:stop, layers]
+            return self._decode(start, stop, layers)
         except ValueError as err:
             if "checksum" not in str(err):
                 raise

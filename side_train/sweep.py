@@ -36,21 +36,23 @@ from tqdm import tqdm
 from shared.backbones import pick_device
 from shared.errors import UserError, cli_entry
 from side_train import run as solo
-from side_train.data import Batch, epoch_batches
+from side_train.data import Batch, epoch_batches, iter_batches
+from side_train.memory import SavedTensorCounter, account, device_tensors
 from side_train.model import LadderSideNetwork, SideConfig
 from side_train.recipe import (
     backbone_parameters,
     build_side_network,
+    choose_tier,
     importance_scores,
     materialize,
     open_sources,
     side_config_for,
 )
-from side_train.train import TrainConfig, TrainState, config_dict, saved_tensor_meter
+from side_train.train import TrainConfig, TrainState, config_dict
 
 # run options a sweep fixes for all its configurations (the sweep's own flags or its data)
-FIXED_OPTIONS = {"cache", "out", "live", "overwrite", "quiet", "device", "model", "task", "data", "text_fields",
-                 "label_field", "label_kind", "max_length", "max_target_length", "limit", "trust_remote_code", "eval_mode"}
+FIXED_OPTIONS = {"cache", "out", "live", "overwrite", "quiet", "device", "model", "task", "data", "text_fields", "label_field",
+                 "label_kind", "max_length", "max_target_length", "limit", "trust_remote_code", "eval_mode", "tier", "reader_workers"}
 SIZE_OPTIONS = ("reduction", "drop_layers", "side_layers")  # what moves a point along the plots' x axes
 
 
@@ -317,27 +319,28 @@ def default_budget(device: torch.device) -> int | None:
 def estimate_memory(members: list[Member], train_source, lm_head: torch.Tensor | None) -> None:
     """Set each member's resident_bytes and step_bytes (float32: an upper bound under bf16 autocast).
 
-    Parameters, buffers, gradients and AdamW's two moments are counted exactly; activations
-    are the tensors autograd saves in one forward on the two longest training examples,
-    scaled to the batch size. A probe runs once per distinct shape, on a throwaway network
-    and a forked RNG, so it changes nothing the members will draw.
+    Parameters, buffers, gradients and AdamW's two moments are counted exactly; the batch
+    and what autograd saves (side_train.memory) are measured in one forward on the two
+    longest training examples, on the CPU, and scaled to the batch size. A probe runs once
+    per distinct shape, on a throwaway network and a forked RNG, so it changes nothing the
+    members will draw.
     """
     longest = np.argsort(-np.asarray(train_source.lengths), kind="stable")[:2]
-    probes: dict[str, int] = {}
+    probes: dict[str, tuple[int, int]] = {}
     for m in members:
         key = json.dumps([m.side_cfg.to_json(), m.train_cfg.batch_size])
         if key not in probes:
             with torch.random.fork_rng(devices=[]):
                 model = LadderSideNetwork(m.side_cfg, lm_head).train()
-                batch = m.views["train"].batch(longest)
-                params = list(model.parameters())
-                with saved_tensor_meter(model) as meter:
+                batch = m.views["train"].batch(longest).to(torch.device("cpu"))
+                inputs = [t for t in vars(batch).values() if torch.is_tensor(t)]
+                with SavedTensorCounter(exclude=[*device_tensors(model), *inputs]) as counter:
                     model.loss(batch)
-                trainable = sum(p.numel() for p in params if p.requires_grad)
-                fixed = sum(t.numel() * t.element_size() for t in [*params, *model.buffers()])
-                activations = meter.bytes * m.train_cfg.batch_size // len(longest)
-                probes[key] = (fixed + 2 * 4 * trainable, 4 * trainable + activations)
-                del model, batch
+                probe = account(model, inputs, counter)
+                scale = m.train_cfg.batch_size / len(longest)
+                probes[key] = (probe.parameter_bytes + probe.optimizer_bytes,
+                               probe.gradient_bytes + int((probe.saved_bytes + probe.input_bytes) * scale))
+                del model, batch, counter
         m.resident_bytes, m.step_bytes = probes[key]
 
 
@@ -386,21 +389,23 @@ def run_pass(members: list[Member], train_source, sources, scores: dict, device:
             batches = epoch_batches(train_source.lengths, batch_size, seed, epoch)
             starts = {m.name: m.state.first_batch(epoch) for m in running}
             seconds = dict.fromkeys(starts, 0.0)
-            for index in range(min(starts.values()), len(batches)):
+            t0 = time.perf_counter()
+            for index, batch in iter_batches(train_source, batches, min(starts.values())):
+                if all(m.state.done for m in running):
+                    break
                 stepping = [m for m in running if index >= starts[m.name] and not m.state.done]
                 if not stepping:
-                    if all(m.state.done for m in running):
-                        break
+                    t0 = time.perf_counter()
                     continue
-                t0 = time.perf_counter()
-                batch = train_source.batch(batches[index]).to(device)
-                read_share = (time.perf_counter() - t0) / len(stepping)
+                batch = batch.to(device)
+                read_share = (time.perf_counter() - t0) / len(stepping)  # waiting for the batch, shared
                 for m in stepping:
                     t1 = time.perf_counter()
                     loss = m.state.step(m.views["train"].select(batch), epoch, index, len(batches))
                     seconds[m.name] += time.perf_counter() - t1 + read_share
                     bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", refresh=False)
+                t0 = time.perf_counter()
             for m in running:
                 t2 = time.perf_counter()
                 evals = {s: m.views[s] for s in ("validation", "test") if s in m.views}
@@ -415,17 +420,18 @@ def run_pass(members: list[Member], train_source, sources, scores: dict, device:
             m.state.close()
 
 
-def finish_member(m: Member, sources, total_params: int, device: torch.device, pass_info: dict) -> dict:
+def finish_member(m: Member, sources, total_params: int, device: torch.device, tier: str, pass_info: dict) -> dict:
     """side_model/ and summary.json, as side_train.run writes them, plus the sweep's own figures."""
     summary = m.state.summary()
     summary["peak_memory_kind"] += "_whole_sweep_process"
     m.state.model.save_pretrained(m.run_dir / "side_model")
     trainable = m.state.model.trainable_parameters()
     summary.update(trainable_parameters=trainable, backbone_parameters=total_params, trainable_share=trainable / total_params,
-                   source=sources.mode, device=str(device), wall_seconds=round(m.seconds, 3),
+                   source=sources.mode, tier=tier, device=str(device), wall_seconds=round(m.seconds, 3),
                    task=sources.spec.name, model=sources.backbone.name)
-    summary["training_memory_bytes"] = m.state.training_memory_bytes()
-    summary["training_memory_kind"] = "params+buffers+grads+adamw+saved_activations"
+    if m.state.memory is not None:  # None when a resumed run had no step left
+        summary["training_memory_bytes"] = m.state.memory.total_bytes
+        summary["training_memory"] = m.state.memory.to_json()
     summary["sweep"] = pass_info
     (m.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -463,7 +469,8 @@ def sweep(args: argparse.Namespace, rest: list[str]) -> list[dict]:
     say(f"sweep: {len(members)} configurations, {len(members) - len(todo)} already finished, {len(todo)} to train")
     if todo:
         union = union_config(todo)
-        data = materialize(sources, union, args.cache)
+        tier = choose_tier(sources.manifest, union, device, base.tier)
+        data = materialize(sources, union, args.cache, tier, base.reader_workers, device)
         for m in todo:
             enc = layer_index(union.encoder_layers, m.side_cfg.encoder_layers)
             dec = layer_index(union.decoder_layers, m.side_cfg.decoder_layers) if union.decoder_layers else None
@@ -477,7 +484,8 @@ def sweep(args: argparse.Namespace, rest: list[str]) -> list[dict]:
         for m in todo:
             groups.setdefault((m.train_cfg.batch_size, m.train_cfg.seed), []).append(m)
         plan = [(key, chunk) for key, group in sorted(groups.items()) for chunk in plan_passes(group, budget, args.max_parallel)]
-        say(f"{len(groups)} batch stream(s) (one per batch size and seed), {len(plan)} pass(es) over the data")
+        say(f"{len(groups)} batch stream(s) (one per batch size and seed), {len(plan)} pass(es) over the data; "
+            f"states for layers {union.encoder_layers} in tier {tier}")
         for key, group in sorted(groups.items()):
             chunks = [chunk for k, chunk in plan if k == key]
             if len(chunks) > 1:
@@ -494,7 +502,7 @@ def sweep(args: argparse.Namespace, rest: list[str]) -> list[dict]:
             (out / "sweep.json").write_text(json.dumps(record, indent=1))
             run_pass(chunk, data["train"], sources, scores, device, f"pass {number}/{len(plan)}", args.quiet)
             for m in chunk:
-                finish_member(m, sources, total_params, device, {"folder": str(out), **info})
+                finish_member(m, sources, total_params, device, tier, {"folder": str(out), **info})
                 m.state = None
             gc.collect()
             if device.type == "cuda":
@@ -506,6 +514,11 @@ def sweep(args: argparse.Namespace, rest: list[str]) -> list[dict]:
 
 
 # --- results -----------------------------------------------------------------------------------
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def metric_names(metrics: list[str]) -> list[str]:
@@ -526,7 +539,7 @@ def member_rows(members: list[Member], metrics: list[str]) -> list[dict]:
         row = {"name": m.name, "config": "_".join(f"{k}={v}" for k, v in options.items()) or "base", **options,
                "seed": m.train_cfg.seed, "trainable_parameters": s["trainable_parameters"],
                "trainable_share_pct": 100 * s["trainable_share"],
-               "training_memory_mib": s.get("training_memory_bytes", s["peak_memory_bytes"]) / 2**20,
+               "training_memory_mib": s["training_memory_bytes"] / 2**20 if s.get("training_memory_bytes") else None,
                "train_seconds": s["train_seconds"], "epochs": s["epochs"], "steps": s["steps"]}
         for name in metric_names(metrics):
             row[f"validation_{name}"] = (s.get("validation_best" if best else "validation_last") or {}).get(name)
@@ -545,7 +558,7 @@ def aggregate(rows: list[dict], metrics: list[str], option_keys: list[str]) -> l
         first = group[0]
         agg = {"config": config, **{k: first[k] for k in option_keys}, "seeds": len(group),
                "trainable_parameters": first["trainable_parameters"], "trainable_share_pct": first["trainable_share_pct"],
-               "training_memory_mib": float(np.mean([r["training_memory_mib"] for r in group])),
+               "training_memory_mib": _mean([r["training_memory_mib"] for r in group]),
                "train_seconds": float(np.mean([r["train_seconds"] for r in group]))}
         for split in ("validation", "test"):
             for name in metric_names(metrics):
@@ -577,15 +590,16 @@ def markdown_table(configs: list[dict], metrics: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in configs:
         cells = [r["config"], str(r["seeds"]), f"{r['trainable_parameters']:,}", f"{r['trainable_share_pct']:.3f}%",
-                 f"{r['training_memory_mib']:,.1f} MiB", f"{r['train_seconds']:,.1f} s"]
+                 "-" if r["training_memory_mib"] is None else f"{r['training_memory_mib']:,.1f} MiB", f"{r['train_seconds']:,.1f} s"]
         cells += [pm(r, f"validation_{n}") for n in names] + [pm(r, f"test_{n}") for n in names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 TABLE_NOTE = ("Mean ± sample standard deviation over seeds (no ± with one seed). Validation: the best epoch; "
-              "test: at the best validation epoch. Training memory: parameters, buffers, gradients, AdamW state and "
-              "the largest step's saved activations. Train time: the network's own steps plus its share of batch reads.\n\n")
+              "test: at the best validation epoch. Training memory: parameters, buffers, gradients, AdamW state, the batch "
+              "and what autograd saves, in the largest step (side_train.memory). Train time: the network's own steps plus "
+              "its share of batch reads.\n\n")
 
 
 def write_results(out: Path, members: list[Member], metrics: list[str]) -> list[dict]:
@@ -612,6 +626,7 @@ def plot_results(out: Path, configs: list[dict], metrics: list[str], option_keys
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     key = "score" if len(metrics) > 1 else metrics[0]
     y_label = "test score (mean of the metrics)" if len(metrics) > 1 else f"test {key}"
@@ -626,7 +641,7 @@ def plot_results(out: Path, configs: list[dict], metrics: list[str], option_keys
     ):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for name, points in series.items():
-            points = sorted((p for p in points if p[f"test_{key}_mean"] is not None), key=lambda p: p[x_key])
+            points = sorted((p for p in points if p[f"test_{key}_mean"] is not None and p[x_key] is not None), key=lambda p: p[x_key])
             if not points:
                 continue
             xs, ys = [p[x_key] for p in points], [p[f"test_{key}_mean"] for p in points]
@@ -636,6 +651,10 @@ def plot_results(out: Path, configs: list[dict], metrics: list[str], option_keys
                 ax.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if log:
             ax.set_xscale("log")
+            plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel(x_label)
         ax.set_ylabel(y_label)
         ax.grid(True, alpha=0.3)

@@ -22,6 +22,7 @@ from shared.tasks import TaskSpec
 from side_train.checkpoint import load_checkpoint, save_checkpoint
 from side_train.data import Batch, epoch_batches, iter_batches
 from side_train.evaluate import evaluate
+from side_train.memory import MemoryAccount, SavedTensorCounter, account, device_tensors
 from side_train.model import LadderSideNetwork
 
 
@@ -86,8 +87,8 @@ class TrainState:
         model.to(device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-        self.steps_per_epoch = len(epoch_batches(lengths, cfg.batch_size, cfg.seed, 0))
-        epochs_steps = self.steps_per_epoch * cfg.epochs
+        # the block-shuffled sampler's batch count can differ between epochs: count each one
+        epochs_steps = sum(len(epoch_batches(lengths, cfg.batch_size, cfg.seed, e)) for e in range(cfg.epochs))
         self.total_steps = epochs_steps if cfg.max_steps is None else min(cfg.max_steps, epochs_steps)
         self.autocast = device.type == "cuda"
         self.checkpoint_dir = self.run_dir / "checkpoint"
@@ -101,7 +102,7 @@ class TrainState:
         self.rng = rng_snapshot(device)
         self.step_count = self.progress["step"]
         self.track_memory = track_memory
-        self.activation_bytes = 0  # largest total of tensors saved for backward in one step (track_memory)
+        self.memory: MemoryAccount | None = None  # the largest step's account (track_memory; see side_train.memory)
         self.log = open(self.metrics_path, "a", encoding="utf-8")
 
     @contextmanager
@@ -141,9 +142,12 @@ class TrainState:
         with self.own_rng():
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 if self.track_memory:
-                    with saved_tensor_meter(self.model) as meter:
+                    inputs = [t for t in vars(batch).values() if torch.is_tensor(t)]
+                    with SavedTensorCounter(exclude=[*device_tensors(self.model), *inputs]) as counter:
                         loss = self.model.loss(batch)
-                    self.activation_bytes = max(self.activation_bytes, meter.bytes)
+                    step_memory = account(self.model, inputs, counter)
+                    if self.memory is None or step_memory.total_bytes > self.memory.total_bytes:
+                        self.memory = step_memory
                 else:
                     loss = self.model.loss(batch)
             loss.backward()
@@ -176,43 +180,12 @@ class TrainState:
             save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.progress)
         return record
 
-    def training_memory_bytes(self) -> int:
-        """Parameters, buffers, gradients, AdamW state and the largest step's saved activations."""
-        tensors = list(self.model.parameters()) + list(self.model.buffers())
-        tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-        grads = sum(p.numel() * p.element_size() for p in self.params)
-        return sum(t.numel() * t.element_size() for t in tensors) + grads + self.activation_bytes
-
     def summary(self) -> dict:
         memory, memory_kind = peak_memory(self.device)
         return summarize(self.progress, memory, memory_kind)
 
     def close(self) -> None:
         self.log.close()
-
-
-class saved_tensor_meter:  # noqa: N801 (used as a context manager)
-    """Sum the bytes of tensors autograd saves for backward, each storage once, the model's own weights excluded."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-        self.seen: set[int] = set()
-        self.bytes = 0
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self.skip and storage.data_ptr() not in self.seen:
-            self.seen.add(storage.data_ptr())
-            self.bytes += storage.nbytes()
-        return tensor
-
-    def __enter__(self) -> saved_tensor_meter:
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.hooks.__exit__(*exc)
 
 
 def train(

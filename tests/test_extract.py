@@ -156,7 +156,8 @@ def test_manifest_records_what_the_cache_holds(t5_cache, tiny_t5):
     assert m["model"]["name"] == str(tiny_t5) and m["model"]["family"] == "t5"
     assert len(m["model"]["config_fingerprint"]) == 64 and len(m["model"]["tokenizer_fingerprint"]) == 64
     assert m["task"]["name"] == "rotten_tomatoes" and m["max_length"] == 128
-    assert m["storage"] == {"logical_dtype": "bfloat16", "zarr_dtype": "uint16", "codec": m["storage"]["codec"]}
+    assert m["storage"] == {"logical_dtype": "bfloat16", "zarr_dtype": "uint16", "codec": m["storage"]["codec"],
+                            "precision": "bf16", "outlier_channels": 0}
     assert m["candidates"] == ["0", "1"]
     for split in ("train", "validation", "test"):
         info = m["splits"][split]

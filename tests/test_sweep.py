@@ -114,7 +114,9 @@ def test_sweep_results_tables_and_plots(finished_sweep):
         summary = json.loads((finished_sweep / "runs" / f"{c['config']}_seed=0" / "summary.json").read_text())
         assert int(c["trainable_parameters"]) == summary["trainable_parameters"]
         assert float(c["trainable_share_pct"]) == pytest.approx(100 * summary["trainable_share"])
-        assert summary["training_memory_bytes"] > 4 * 3 * summary["trainable_parameters"]
+        account = summary["training_memory"]
+        assert account["gradient_bytes"] == 4 * summary["trainable_parameters"] and account["saved_bytes"] > 0
+        assert summary["training_memory_bytes"] == account["total_bytes"] > 4 * 3 * summary["trainable_parameters"]
     small, large = sorted(configs, key=lambda c: int(c["trainable_parameters"]))
     assert small["config"] == "drop_layers=1"  # one fewer side layer
     table = (finished_sweep / "results.md").read_text()
@@ -126,8 +128,9 @@ def test_sweep_results_tables_and_plots(finished_sweep):
 
 
 def test_killed_sweep_resumes_and_keeps_finished_runs(cache, finished_sweep, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "s"
-    argv = ["--cache", str(cache), "--out", str(out), "--grid", *GRID, "--quiet", "--max-parallel", "1", *SHARED]
+    out = tmp_path / "s"  # streamed from disk this time: the same batches as the finished sweep's RAM tier
+    argv = ["--cache", str(cache), "--out", str(out), "--grid", *GRID, "--quiet", "--max-parallel", "1", "--tier", "disk",
+            "--reader-workers", "0", *SHARED]
     real_step, calls = TrainState.step, {"n": 0}
 
     def dies_on_step_11(self, *args, **kwargs):

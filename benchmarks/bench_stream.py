@@ -1,0 +1,110 @@
+"""Streaming benchmark (issue 4), one run, side by side on one machine.
+
+1. one training epoch from the cache streamed from disk vs the same epoch with every
+   ladder state already in memory (the I/O overhead; target <= 1.15x);
+2. a cached epoch vs a live epoch of the same side network on a T5-base-shaped backbone
+   (random weights: the arithmetic of T5-base; target >= 10x on CPU);
+3. reader throughput (a whole epoch of pools) vs a raw memmap read of the same bytes.
+
+    python benchmarks/bench_stream.py --examples 600 --work /tmp/bench_stream
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def sh(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", *args], cwd=REPO, check=True)
+
+
+def epoch_seconds(cache: Path, out: Path, *extra: str) -> float:
+    from side_train.run import parse_args, run
+
+    summary = run(parse_args(["--cache", str(cache), "--out", str(out), "--epochs", "1", "--init", "magnitude",
+                              "--drop-layers", "3", "--quiet", "--overwrite", *extra]))
+    return summary["seconds_per_epoch"]
+
+
+def reader_throughput(cache: Path, work: Path) -> dict:
+    """GB/s of bf16 states: our pool reader over one epoch vs np.memmap over the same bytes."""
+    from shared.cache_format import read_manifest
+    from side_train.data import epoch_batches
+    from side_train.streaming import PoolDataset, StreamingSplit
+
+    manifest = read_manifest(cache)
+    split = StreamingSplit(cache, manifest, "train", list(range(12)), list(range(12)), workers=0)
+    plan = epoch_batches(split.lengths, 100, 0, 0)
+    dataset = PoolDataset(cache, manifest, "train", split.positions, split.labels, plan, 0)
+    t0 = time.perf_counter()
+    for i in range(len(dataset)):
+        dataset[i]
+    ours = time.perf_counter() - t0
+    nbytes = sum(r.offsets[-1] * len(split.positions[s]) * r.hidden.shape[2] * 2 for s, r in split.readers.items())
+    raw = work / "raw.bin"
+    np.random.default_rng(0).integers(0, 2**16, nbytes // 2, dtype=np.uint16).tofile(raw)
+    subprocess.run(["cat", str(raw)], stdout=subprocess.DEVNULL, check=True)  # page cache, like the warm zarr files
+    t0 = time.perf_counter()
+    mm = np.memmap(raw, dtype=np.uint16, mode="r")
+    out = torch.empty(len(mm), dtype=torch.int16)
+    out.numpy().view(np.uint16)[:] = mm
+    limit = time.perf_counter() - t0
+    raw.unlink()
+    return {"bytes": int(nbytes), "reader_s": ours, "memmap_s": limit, "reader_GBps": nbytes / ours / 1e9,
+            "memmap_GBps": nbytes / limit / 1e9}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--examples", type=int, default=600)
+    p.add_argument("--work", default="/tmp/bench_stream")
+    p.add_argument("--codec", default=None, help="extraction codec (default: extract's default)")
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    from make_tiny_t5 import make_tiny_t5
+
+    model = work / "t5-base-shaped"
+    if not (model / "model.safetensors").exists():
+        make_tiny_t5(model, d_model=768, layers=12, heads=12, d_ff=3072)
+    cache = work / "cache"
+    t0 = time.perf_counter()
+    codec = ["--codec", args.codec] if args.codec else []
+    sh("backbone_cache.extract", "--model", str(model), "--out", str(cache), "--limit", str(args.examples),
+       "--splits", "train,validation", "--importance", "none", "--quiet", *codec)
+    extract_s = time.perf_counter() - t0
+    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+               "load_before": os.getloadavg(), "examples": args.examples, "extract_seconds": round(extract_s, 1)}
+    # two rounds, interleaved, to see the noise
+    for r in range(2):
+        results[f"ram_{r}"] = epoch_seconds(cache, work / "ram", "--tier", "ram")
+        results[f"disk_{r}"] = epoch_seconds(cache, work / "disk", "--tier", "disk", "--reader-workers", "1")
+        results[f"disk_thread_{r}"] = epoch_seconds(cache, work / "disk0", "--tier", "disk", "--reader-workers", "0")
+    results["live"] = epoch_seconds(cache, work / "live", "--live")
+    results.update(reader_throughput(cache, work))
+    results["load_after"] = os.getloadavg()
+    ram = min(results["ram_0"], results["ram_1"])
+    disk = min(results["disk_0"], results["disk_1"])
+    disk0 = min(results["disk_thread_0"], results["disk_thread_1"])
+    results["ratio_disk_over_ram"] = disk / ram
+    results["ratio_disk_thread_over_ram"] = disk0 / ram
+    results["ratio_live_over_disk"] = results["live"] / disk
+    results["ratio_live_over_ram"] = results["live"] / ram
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
