@@ -254,4 +254,5 @@ def summarize(progress: dict, memory: int, memory_kind: str) -> dict:
 
 
 def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)
+    """The settings that define a run (what a resumed run must repeat); `quiet` is not one."""
+    return {k: v for k, v in asdict(cfg).items() if k != "quiet"}
