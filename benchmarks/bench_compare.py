@@ -9,7 +9,7 @@ t5-base-shape writes a model folder holding only a T5-base config (d_model 768, 
 and that tokenizer, then runs compare with --random-init on --task synthetic at batch 100 x 128
 source tokens, counting memory on the meta device and timing on the CPU, with the paper's
 LST setting (r = 8, 3 layers dropped per stack). minilm-rt runs the embedded default (all-MiniLM-L6-v2,
-Rotten Tomatoes) with memory counted on a real CPU step. Results go to benchmarks/RESULTS-compare.md by hand.
+Rotten Tomatoes) with memory counted on a real CPU step. Results go to benchmarks/RESULTS.md by hand.
 """
 
 from __future__ import annotations
