@@ -397,8 +397,8 @@ class Extraction:
         background = BackgroundWriter()
         writers: dict[str, StackWriter] = {}
         for stack, meta in split_meta["stacks"].items():
-            # write_empty_chunks: skip zarr's scans for all-zero chunks (never the case for states); 2 scans per shard
-            array = zarr.open_array(str(folder / plan.name / stack / "hidden"), mode="r+", config={"write_empty_chunks": True})
+            # write_empty_chunks skips zarr's full scan of each shard for an all-zero one (states never are)
+            array = zarr.open_array(str(folder / plan.name / stack / "hidden"), mode="r+").with_config({"write_empty_chunks": True})
 
             def on_shard(index: int, meta=meta) -> None:
                 meta["shards_done"] = index + 1

@@ -106,7 +106,7 @@ class SavedTensorCounter:
         self._watch = list(watch)
         self._depth = 0
         self._handles: list = []
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda packed: packed)
 
     @property
     def saved_bytes(self) -> int:
@@ -129,7 +129,9 @@ class SavedTensorCounter:
             node = tensor.grad_fn.name() if tensor.grad_fn is not None else "no grad_fn"
             self.described[key] = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), node)
             self._alive.append(tensor)
-        return tensor
+        # Detached: the same storage and version counter, but no link back to the node that
+        # saves it (an output saved with its grad_fn would keep the graph alive in a cycle).
+        return tensor.detach()
 
     def _enter_module(self, _module, _inputs) -> None:
         self._depth += 1

@@ -61,6 +61,27 @@ def test_counter_sees_nothing_under_inference_mode():
     assert counter.saved_bytes == 0
 
 
+def test_counting_changes_no_gradient_and_keeps_no_graph_alive(tiny_t5):
+    import weakref
+
+    args, spec, batch = setup(str(tiny_t5))
+    prepared = C.prepare("lora", args, spec, torch.device("cpu"))
+    module = prepared.module.eval()
+    module.loss(batch).backward()
+    plain = [p.grad.clone() for p in module.parameters() if p.requires_grad]
+    module.zero_grad()
+    with SavedTensorCounter():
+        loss = module.loss(batch)
+    loss.backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(plain, [p for p in module.parameters() if p.requires_grad]))
+    # measuring runs no backward; the graph (and through it the model) must still be freed
+    prepared = C.prepare("full", args, spec, torch.device("cpu"))
+    alive = weakref.ref(prepared.module)
+    C.measure_memory(prepared, batch)
+    del prepared
+    assert alive() is None
+
+
 # --- meta accounting is the real accounting ---------------------------------------------------
 
 
