@@ -67,11 +67,30 @@ def reader_throughput(cache: Path, work: Path) -> dict:
             "memmap_GBps": nbytes / limit / 1e9}
 
 
+def packed_data(work: Path, pack: int) -> list[str]:
+    """Local jsonl files whose examples are `pack` consecutive snippets joined (label of the first)."""
+    from shared.tasks import load_default
+
+    _, splits = load_default()
+    flags = []
+    for split in ("train", "validation"):
+        rows = splits[split]
+        path = work / f"{split}-pack{pack}.jsonl"
+        with open(path, "w", encoding="utf-8") as handle:
+            for i in range(0, len(rows) - pack + 1, pack):
+                text = " ".join(r.texts[0] for r in rows[i:i + pack])
+                handle.write(json.dumps({"text": text, "label": rows[i].label}) + "\n")
+        flags += ["--data", f"{split}={path}"]
+    return [*flags, "--text-fields", "text", "--label-field", "label"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--examples", type=int, default=600)
     p.add_argument("--work", default="/tmp/bench_stream")
     p.add_argument("--codec", default=None, help="extraction codec (default: extract's default)")
+    p.add_argument("--pack", type=int, default=1,
+                   help="join N consecutive Rotten Tomatoes snippets into one example (longer inputs, GLUE-like lengths)")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -83,11 +102,14 @@ def main() -> None:
     cache = work / "cache"
     t0 = time.perf_counter()
     codec = ["--codec", args.codec] if args.codec else []
+    data = packed_data(work, args.pack) if args.pack > 1 else []
     sh("backbone_cache.extract", "--model", str(model), "--out", str(cache), "--limit", str(args.examples),
-       "--splits", "train,validation", "--importance", "none", "--quiet", *codec)
+       "--splits", "train,validation", "--importance", "none", "--quiet", *codec, *data)
     extract_s = time.perf_counter() - t0
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-               "load_before": os.getloadavg(), "examples": args.examples, "extract_seconds": round(extract_s, 1)}
+               "load_before": os.getloadavg(), "examples": args.examples, "pack": args.pack, "extract_seconds": round(extract_s, 1)}
+    encoder = json.loads((cache / "manifest.json").read_text())["splits"]["train"]["stacks"]["encoder"]
+    results["train_tokens_per_example"] = round(encoder["num_tokens"] / encoder["num_sequences"], 1)
     # two rounds, interleaved, to see the noise
     for r in range(2):
         results[f"ram_{r}"] = epoch_seconds(cache, work / "ram", "--tier", "ram")

@@ -48,16 +48,18 @@ from shared.metrics import compute_metrics
 from shared.tasks import SPLITS, Example, TaskSpec, load_task
 from side_train.baselines import ADAPTER_WIDTH, BASELINES, LORA_RANK, PROMPT_TOKENS, TokenBatch, build_baseline
 from side_train.data import Batch, epoch_batches, eval_batches
-from side_train.memory import MemoryAccount, SavedTensorCounter, account, device_tensors, parameter_count
+from side_train.memory import MemoryAccount, SavedTensorCounter, account, device_tensors, parameter_count, recompute_bytes
 from side_train.model import LadderSideNetwork, SideConfig, init_projections
 from side_train.train import TrainConfig, lr_at
 
-LST_METHODS = ("lst-live", "lst-cached")
+LST_METHODS = ("lst-live", "lst-cached", "lst-cached-recompute")
 METHODS = (*BASELINES, *LST_METHODS)
 LABELS = {"full": "Full fine-tuning", "adapter": "Adapters", "lora": "LoRA", "bitfit": "BitFit", "prompt": "Prompt-tuning",
-          "lst-live": "LST (live backbone)", "lst-cached": "LST (from cache)"}
+          "lst-live": "LST (live backbone)", "lst-cached": "LST (from cache)",
+          "lst-cached-recompute": "LST (from cache, recompute)"}
 # Learning rates for the equal short budget: common values per method, not tuned here.
-DEFAULT_LR = {"full": 5e-5, "adapter": 1e-3, "lora": 1e-3, "bitfit": 3e-3, "prompt": 3e-2, "lst-live": 3e-3, "lst-cached": 3e-3}
+DEFAULT_LR = {"full": 5e-5, "adapter": 1e-3, "lora": 1e-3, "bitfit": 3e-3, "prompt": 3e-2, "lst-live": 3e-3, "lst-cached": 3e-3,
+              "lst-cached-recompute": 3e-3}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -299,7 +301,7 @@ class Prepared:
 def prepare(method: str, args: argparse.Namespace, spec: TaskSpec, device: torch.device, init: str = "random",
             scores: dict | None = None) -> Prepared:
     """Build `method` on `device` from a fresh backbone."""
-    backbone = fresh_backbone(args, device if method != "lst-cached" or device.type == "meta" else torch.device("cpu"))
+    backbone = fresh_backbone(args, device if not method.startswith("lst-cached") or device.type == "meta" else torch.device("cpu"))
     total = parameter_count(backbone.model)
     torch.manual_seed(args.seed)
     if method in BASELINES:
@@ -307,7 +309,7 @@ def prepare(method: str, args: argparse.Namespace, spec: TaskSpec, device: torch
                                 args.adapter_width, args.lora_rank, args.prompt_tokens).to(device)
         return Prepared(method, module, lambda b: b, total, backbone.model)
     cfg = lst_config(backbone, spec, args)
-    side = new_side_network(cfg, backbone, init, scores, args.seed).to(device)
+    side = new_side_network(cfg, backbone, init, scores, args.seed).to(device).set_recompute(method.endswith("-recompute"))
     if method == "lst-live":
         if cfg.family == "t5":
             side.lm_head = backbone.lm_head()[0].detach()  # reuse the backbone's frozen LM head, as the paper does
@@ -345,9 +347,11 @@ def measure_memory(prepared: Prepared, batch: TokenBatch, watch_backbone: bool =
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     watch = [prepared.frozen] if watch_backbone and prepared.frozen is not None else []
-    with SavedTensorCounter(exclude=[*device_tensors(module), *step_tensors(inputs)], watch=watch) as counter:
+    exclude = [*device_tensors(module), *step_tensors(inputs)]
+    with SavedTensorCounter(exclude=exclude, watch=watch) as counter:
         loss = module.loss(inputs)
-    memory = account(module, step_tensors(inputs), counter)
+    side = module.side if isinstance(module, LadderLive) else module
+    memory = account(module, step_tensors(inputs), counter, recompute_bytes(side, lambda: module.loss(inputs), exclude))
     if optimizer is not None:
         loss.backward()
         optimizer.step()
@@ -627,7 +631,8 @@ def format_table(records: list[dict], settings: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         cells = [LABELS[r["method"]], f"{r['trainable_percent']:.3f}", f"{r['total_bytes'] / gib:.3f}",
-                 "" if r["memory_vs_full"] is None else f"{r['memory_vs_full']:.3f}x", f"{r['saved_bytes'] / gib:.3f}"]
+                 "" if r["memory_vs_full"] is None else f"{r['memory_vs_full']:.3f}x",
+                 f"{(r['saved_bytes'] + r['recompute_bytes']) / gib:.3f}"]
         if cuda:
             cells.append("" if r["cuda_peak_bytes"] is None else f"{r['cuda_peak_bytes'] / gib:.3f}")
         cells.append("" if r["seconds_per_step"] is None else f"{r['seconds_per_step']:.3f}")

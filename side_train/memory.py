@@ -8,6 +8,9 @@ across its backward pass:
     + optimizer state         AdamW's two moment buffers per trainable parameter
     + saved for backward      what autograd keeps from the forward pass
     + inputs                  the batch on the device (for LST-cached: the stored states)
+    + recomputation           with activation checkpointing of the side blocks (`--recompute`):
+                              the most one block's forward saves, re-made for that block alone
+                              while its backward runs (the blocks' inputs are in "saved")
 
 The first three are sums over parameters. The fourth is counted with
 `torch.autograd.graph.saved_tensors_hooks`: every tensor packed during the forward pass is
@@ -21,7 +24,7 @@ CUDA `torch.cuda.max_memory_allocated` measures everything, and `compare` report
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -40,11 +43,13 @@ class MemoryAccount:
     saved_bytes: int
     input_bytes: int
     saved_storages: int
+    recompute_bytes: int = 0
     cuda_peak_bytes: int | None = None
 
     @property
     def total_bytes(self) -> int:
-        return self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes + self.saved_bytes + self.input_bytes
+        return (self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes + self.saved_bytes + self.input_bytes
+                + self.recompute_bytes)
 
     def to_json(self) -> dict:
         return {**asdict(self), "total_bytes": self.total_bytes}
@@ -158,8 +163,32 @@ class SavedTensorCounter:
         self._alive.clear()
 
 
-def account(module: nn.Module, inputs: Iterable[torch.Tensor], counter: SavedTensorCounter) -> MemoryAccount:
-    """Combine a module's parameter bytes with a finished counter's saved bytes."""
+def recompute_bytes(network: nn.Module, run_forward: Callable[[], object], exclude: Iterable[torch.Tensor]) -> int:
+    """The backward-time peak that activation checkpointing adds: the most bytes one side block's
+    forward saves (new storages only), counted on a forward run with checkpointing off and the
+    RNG forked. 0 when `network` (a LadderSideNetwork) does not recompute.
+    """
+    stacks = network.stacks() if hasattr(network, "stacks") else []
+    if not any(stack.recompute for stack in stacks):
+        return 0
+    counter, starts, block_bytes, handles = SavedTensorCounter(exclude=exclude), [], [], []
+    for block in (block for stack in stacks for block in stack.blocks):
+        handles.append(block.register_forward_pre_hook(lambda _m, _i: starts.append(counter.saved_bytes)))
+        handles.append(block.register_forward_hook(lambda _m, _i, _o: block_bytes.append(counter.saved_bytes - starts.pop())))
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        network.set_recompute(False)
+        with torch.random.fork_rng(devices=devices), counter:
+            run_forward()
+    finally:
+        network.set_recompute(True)
+        for handle in handles:
+            handle.remove()
+    return max(block_bytes, default=0)
+
+
+def account(module: nn.Module, inputs: Iterable[torch.Tensor], counter: SavedTensorCounter, recompute: int = 0) -> MemoryAccount:
+    """Combine a module's parameter bytes with a finished counter's saved bytes (and `recompute_bytes`)."""
     params = storage_bytes(device_tensors(module))
     gradient_bytes = sum(p.numel() * p.element_size() for p in trainable_parameters(module))
     return MemoryAccount(
@@ -169,4 +198,5 @@ def account(module: nn.Module, inputs: Iterable[torch.Tensor], counter: SavedTen
         saved_bytes=counter.saved_bytes,
         input_bytes=sum(storage_bytes(inputs).values()),
         saved_storages=len(counter.saved),
+        recompute_bytes=recompute,
     )

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from shared.errors import UserError
 
@@ -122,6 +123,70 @@ class RMSNorm(nn.Module):
         return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
 
 
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout (training). Off CUDA the mask is `rand >= p`, the same distribution as
+    `F.dropout`, drawn about twice as fast as its `bernoulli_` on a CPU; on CUDA, `F.dropout`."""
+    if p == 0.0:
+        return x
+    if x.is_cuda:
+        return F.dropout(x, p, training=True)
+    return torch.where(torch.rand(x.shape, device=x.device) >= p, x * (1.0 / (1.0 - p)), 0.0)
+
+
+class Dropout(nn.Module):
+    """nn.Dropout with `dropout` above."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p) if self.training else x
+
+
+class _LadderProjection(torch.autograd.Function):
+    """`linear(dropout(states.to(weight.dtype)), weight, bias)` that saves `states` as given.
+
+    A ladder's input is a bfloat16 view of the batch, already in memory. nn.Linear would save
+    its float32 copy for the weight gradient (twice the batch's bytes per ladder); this saves
+    the view (and a bool dropout mask, if any) and rebuilds the input in backward with the
+    same operations. Same forward, same gradient arithmetic.
+    """
+
+    @staticmethod
+    def forward(ctx, states, keep, scale: float, weight, bias):
+        ctx.save_for_backward(states, keep, weight)
+        ctx.scale, ctx.has_bias = scale, bias is not None
+        return F.linear(_dropped(states.to(weight.dtype), keep, scale), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        states, keep, weight = ctx.saved_tensors
+        rows = grad_out.reshape(-1, grad_out.shape[-1])  # under autocast grad_out is bf16: compute in its dtype
+        inputs = _dropped(states.to(weight.dtype), keep, ctx.scale).to(rows.dtype)
+        grad_weight = (rows.t() @ inputs.reshape(-1, inputs.shape[-1])).to(weight.dtype)
+        grad_bias = rows.sum(0).to(weight.dtype) if ctx.has_bias else None
+        grad_states = None
+        if ctx.needs_input_grad[0]:
+            grad_states = _dropped(grad_out @ weight.to(grad_out.dtype), keep, ctx.scale).to(states.dtype)
+        return grad_states, None, None, grad_weight, grad_bias
+
+
+def _dropped(x: torch.Tensor, keep: torch.Tensor | None, scale: float) -> torch.Tensor:
+    return x if keep is None else torch.where(keep, x * scale, 0.0)
+
+
+def ladder_projection(linear: nn.Linear, states: torch.Tensor, drop: Dropout | None = None) -> torch.Tensor:
+    """`linear(drop(states))` for a low-precision `states` view, saving the view, not a float32 copy."""
+    weight = linear.weight
+    p = drop.p if drop is not None and drop.training else 0.0
+    if states.dtype == weight.dtype or not torch.is_grad_enabled():
+        x = states.to(weight.dtype)
+        return linear(drop(x) if drop is not None else x)
+    keep = torch.rand(states.shape, device=states.device) >= p if p > 0 else None
+    return _LadderProjection.apply(states, keep, 1.0 / (1.0 - p), weight, linear.bias)
+
+
 class Attention(nn.Module):
     """Multi-head attention; T5 style (no bias, no scaling) or BERT style (bias, 1/sqrt(d_head))."""
 
@@ -135,17 +200,28 @@ class Attention(nn.Module):
         self.heads, self.d_head, self.dropout = heads, d_head, dropout
         self.scale = d_head**-0.5 if scaled else 1.0
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, position_bias: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: additive [B, 1, Lq or 1, L]; position_bias: [1, heads, Lq, L] (T5 self-attention)."""
         b, n, _ = x.shape
+        # added here, per block: a [B, heads, Lq, L] sum made once per stack would be kept for backward
+        bias = mask if position_bias is None else mask + position_bias
         context = x if context is None else context
 
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, -1, self.heads, self.d_head).transpose(1, 2)
 
         q, k, v = split(self.q(x)), split(self.k(context)), split(self.v(context))
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0, scale=self.scale
-        )
+        p = self.dropout if self.training else 0.0
+        if p and not q.is_cuda:
+            # SDPA would take its math path here anyway (dropout off CUDA); this is that path
+            # with the faster dropout mask
+            scores = q @ k.transpose(-2, -1)
+            if self.scale != 1.0:
+                scores = scores * self.scale
+            out = dropout((scores + bias.to(scores.dtype)).softmax(-1), p) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p, scale=self.scale)
         return self.o(out.transpose(1, 2).reshape(b, n, self.heads * self.d_head))
 
 
@@ -168,12 +244,12 @@ class T5SideBlock(nn.Module):
         else:
             self.wi = nn.Linear(cfg.d, cfg.d_ff, bias=False)
         self.wo = nn.Linear(cfg.d_ff, cfg.d, bias=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
-    def forward(self, s, self_bias, context=None, cross_bias=None):
-        s = s + self.drop(self.self_attn(self.self_norm(s), self_bias))
+    def forward(self, s, self_mask, position_bias=None, context=None, cross_mask=None):
+        s = s + self.drop(self.self_attn(self.self_norm(s), self_mask, position_bias))
         if self.is_decoder:
-            s = s + self.drop(self.cross_attn(self.cross_norm(s), cross_bias, context))
+            s = s + self.drop(self.cross_attn(self.cross_norm(s), cross_mask, context=context))
         h = self.ff_norm(s)
         h = F.gelu(self.wi_0(h), approximate="tanh") * self.wi_1(h) if self.gated else F.relu(self.wi(h))
         return s + self.drop(self.wo(self.drop(h)))
@@ -190,10 +266,10 @@ class BertSideBlock(nn.Module):
         self.wi = nn.Linear(cfg.d, cfg.d_ff)
         self.wo = nn.Linear(cfg.d_ff, cfg.d)
         self.ff_norm = nn.LayerNorm(cfg.d, eps=cfg.norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
-    def forward(self, s, self_bias, context=None, cross_bias=None):
-        s = self.attn_norm(s + self.drop(self.self_attn(s, self_bias)))
+    def forward(self, s, self_mask, position_bias=None, context=None, cross_mask=None):
+        s = self.attn_norm(s + self.drop(self.self_attn(s, self_mask)))
         return self.ff_norm(s + self.drop(self.wo(F.gelu(self.wi(s)))))
 
 
@@ -240,7 +316,8 @@ class SideStack(nn.Module):
             self.final_norm = RMSNorm(cfg.d, cfg.norm_eps)
         else:
             self.blocks = nn.ModuleList(BertSideBlock(cfg) for _ in layers)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
+        self.recompute = False  # set by LadderSideNetwork.set_recompute
 
     def position_bias(self, n: int, device: torch.device) -> torch.Tensor:
         positions = torch.arange(n, device=device)
@@ -250,16 +327,19 @@ class SideStack(nn.Module):
 
     def forward(self, states, mask, context=None, context_mask=None):
         """states [B, L, 1 + len(layers), D] (any float dtype); mask [B, L] bool."""
-        weight_dtype = self.down_emb.weight.dtype
-        s = self.down_emb(self.drop(states[:, :, 0].to(weight_dtype)))
-        self_bias = additive_mask(mask, causal=self.is_decoder)
-        if self.t5:
-            self_bias = self_bias + self.position_bias(mask.shape[1], mask.device)
-        cross_bias = additive_mask(context_mask) if context is not None else None
+        s = ladder_projection(self.down_emb, states[:, :, 0], self.drop)
+        self_mask = additive_mask(mask, causal=self.is_decoder)
+        position_bias = self.position_bias(mask.shape[1], mask.device) if self.t5 else None
+        cross_mask = additive_mask(context_mask) if context is not None else None
         for j, block in enumerate(self.blocks):
             mu = torch.sigmoid(self.gate_alpha[j] / self.cfg.gate_temperature)
-            s = mu * s + (1 - mu) * self.ladders[j](states[:, :, j + 1].to(weight_dtype))
-            s = block(s, self_bias, context, cross_bias)
+            s = mu * s + (1 - mu) * ladder_projection(self.ladders[j], states[:, :, j + 1])
+            if self.recompute and torch.is_grad_enabled():
+                # reentrant: the checkpoint saves the block's inputs through autograd (so
+                # side_train.memory counts them) and re-runs the block, same dropout masks, in backward
+                s = checkpoint(block, s, self_mask, position_bias, context, cross_mask, use_reentrant=True)
+            else:
+                s = block(s, self_mask, position_bias, context, cross_mask)
         if self.t5:
             s = self.final_norm(s)
         return self.drop(s)
@@ -280,8 +360,18 @@ class LadderSideNetwork(nn.Module):
                 raise ValueError("a T5 side network needs the backbone's LM head")
             self.register_buffer("lm_head", lm_head.detach().clone(), persistent=False)
         else:
-            self.head_drop = nn.Dropout(cfg.dropout)
+            self.head_drop = Dropout(cfg.dropout)
             self.head = nn.Linear(cfg.backbone_d, cfg.num_labels)
+
+    def set_recompute(self, enabled: bool) -> LadderSideNetwork:
+        """Activation checkpointing of the side blocks: keep each block's inputs, recompute its
+        activations in backward (about one more side forward per step; gradients unchanged)."""
+        for stack in self.stacks():
+            stack.recompute = enabled
+        return self
+
+    def stacks(self) -> list[SideStack]:
+        return [self.encoder] + ([self.decoder] if self.cfg.family == "t5" else [])
 
     # --- forward passes -------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from shared.errors import UserError
 from shared.tasks import SPLITS, TaskSpec, load_task
 from side_train.data import CachedSplit, LiveSplit
 from side_train.model import LadderSideNetwork, SideConfig, init_projections, side_layers
+from side_train.train import TrainConfig
 
 
 @dataclass
@@ -58,6 +59,8 @@ def add_side_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init", default="fisher", choices=["fisher", "magnitude", "random"], help="side block init")
     g.add_argument("--fisher-samples", type=int, default=1024, help="live fisher init: training examples")
     g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--recompute", action="store_true",
+                   help="activation checkpointing of the side blocks: far less activation memory for about one more side forward")
     g.add_argument("--pooling", default="mean", choices=["mean", "cls"], help="encoder family: pooling before the head")
 
 
@@ -218,6 +221,16 @@ def importance_scores(sources: Sources, init: str, cache: str | None, fisher_sam
         raise UserError("fisher init needs the train split")
     plan, _ = sources.splits["train"]
     return compute_importance(sources.backbone, sources.spec, plan, "fisher", fisher_samples, quiet=True)
+
+
+def train_config_for(args: argparse.Namespace, spec: TaskSpec) -> TrainConfig:
+    """The training settings of `side_train.run`'s flags (epochs default to the task's)."""
+    return TrainConfig(
+        epochs=args.epochs or spec.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size, lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        clip=args.clip, seed=args.seed, eval_mode=args.eval_mode, save_every=args.save_every, quiet=args.quiet,
+        recompute=args.recompute,
+    )
 
 
 def build_side_network(cfg: SideConfig, backbone: Backbone, init: str, scores: dict | None, seed: int) -> LadderSideNetwork:

@@ -29,8 +29,9 @@ from side_train.recipe import (
     materialize,
     open_sources,
     side_config_for,
+    train_config_for,
 )
-from side_train.train import TrainConfig, config_dict, train
+from side_train.train import config_dict, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -109,12 +110,7 @@ def run(args: argparse.Namespace) -> dict:
     if "train" not in sources.splits:
         raise UserError("the data has no train split; extract it with --splits train,...")
     side_cfg = side_config_for(sources.backbone, sources.spec, args)
-    epochs = args.epochs or sources.spec.epochs
-    train_cfg = TrainConfig(
-        epochs=epochs, max_steps=args.max_steps, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-        lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
-        eval_mode=args.eval_mode, save_every=args.save_every, quiet=args.quiet,
-    )
+    train_cfg = train_config_for(args, sources.spec)
     if args.eval_mode == "generate" and (sources.mode != "live" or side_cfg.family != "t5"):
         raise UserError("--eval generate needs a T5 backbone run live (add --live, or drop --eval generate)")
     run_dir = Path(args.out)

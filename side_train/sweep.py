@@ -47,6 +47,7 @@ from side_train.recipe import (
     materialize,
     open_sources,
     side_config_for,
+    train_config_for,
 )
 from side_train.train import TrainConfig, TrainState, config_dict
 
@@ -232,12 +233,7 @@ def make_members(args: argparse.Namespace, rest: list[str], sources, configurati
             raise UserError("a sweep trains from the cache only; drop --live")
         if member_args.eval_mode == "generate":
             raise UserError("--eval generate needs the live backbone; sweeps score candidates (drop --eval generate)")
-        train_cfg = TrainConfig(
-            epochs=member_args.epochs or sources.spec.epochs, max_steps=member_args.max_steps, batch_size=member_args.batch_size,
-            eval_batch_size=member_args.eval_batch_size, lr=member_args.lr, warmup_steps=member_args.warmup_steps,
-            weight_decay=member_args.weight_decay, clip=member_args.clip, seed=member_args.seed,
-            eval_mode=member_args.eval_mode, save_every=member_args.save_every, quiet=member_args.quiet,
-        )
+        train_cfg = train_config_for(member_args, sources.spec)
         identity = {"side": side_cfg.to_json(), "train": config_dict(train_cfg), "init": member_args.init, "model": info,
                     "task": task, "cache": str(Path(args.cache).resolve()), "mode": "cache"}
         members.append(Member(name, options, member_args, side_cfg, train_cfg, run_dir, identity))

