@@ -3,7 +3,7 @@ non-outlier channels, and the test accuracy of the same side network trained fro
 
 Real all-MiniLM-L6-v2 on the Rotten Tomatoes split (embedded default), one run:
 
-    python benchmarks/bench_precision.py --limit 4000 --epochs 8 --work /tmp/bench_precision
+    python benchmarks/bench_precision.py --limit 4000 --epochs 8 --seeds 0,1,2 --work /tmp/bench_precision
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=4000)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--work", default="/tmp/bench_precision")
+    p.add_argument("--seeds", default="0,1,2", help="side-network seeds per precision (accuracy: mean and spread)")
     args = p.parse_args()
     work = Path(args.work)
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(), "load_before": os.getloadavg()}
@@ -54,14 +55,20 @@ def main() -> None:
         decoded = StackReader(cache, "train", "encoder", pm["splits"]["train"]["stacks"]["encoder"]).read_tokens(0, meta["num_tokens"])
         row["rel_error_non_outlier"] = relative_error(bf16_bits, decoded, exclude=outliers)
         row["rel_error_all"] = relative_error(bf16_bits, decoded)
-        out = subprocess.run([sys.executable, "-m", "side_train.run", "--cache", str(cache), "--out", str(work / f"run-{precision}"),
-                              "--epochs", str(args.epochs), "--init", "magnitude", "--quiet", "--overwrite"], cwd=REPO,
-                             check=True, capture_output=True, text=True)
-        summary = json.loads((work / f"run-{precision}" / "summary.json").read_text())
-        row["test_accuracy_last"] = summary["test_last"]["accuracy"]
-        row["test_accuracy_at_best_validation"] = summary["test_at_best_validation"]["accuracy"]
+        last, best = [], []
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            run_dir = work / f"run-{precision}-seed{seed}"
+            subprocess.run([sys.executable, "-m", "side_train.run", "--cache", str(cache), "--out", str(run_dir), "--seed", str(seed),
+                            "--epochs", str(args.epochs), "--init", "magnitude", "--quiet", "--overwrite"], cwd=REPO,
+                           check=True, capture_output=True, text=True)
+            summary = json.loads((run_dir / "summary.json").read_text())
+            last.append(summary["test_last"]["accuracy"])
+            best.append(summary["test_at_best_validation"]["accuracy"])
+        row["test_accuracy_last"] = last
+        row["test_accuracy_at_best_validation"] = best
+        row["test_accuracy_last_mean"] = float(np.mean(last))
+        row["test_accuracy_at_best_validation_mean"] = float(np.mean(best))
         results[precision] = row
-        del out
     results["load_after"] = os.getloadavg()
     print(json.dumps(results, indent=1, default=lambda x: float(np.asarray(x))))
 

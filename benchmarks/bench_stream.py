@@ -31,11 +31,14 @@ def sh(*args: str) -> None:
     subprocess.run([sys.executable, "-m", *args], cwd=REPO, check=True)
 
 
+TRAIN_ARGS: list[str] = []  # --train-args
+
+
 def epoch_seconds(cache: Path, out: Path, *extra: str) -> float:
     from side_train.run import parse_args, run
 
     summary = run(parse_args(["--cache", str(cache), "--out", str(out), "--epochs", "1", "--init", "magnitude",
-                              "--drop-layers", "3", "--quiet", "--overwrite", *extra]))
+                              "--drop-layers", "3", "--quiet", "--overwrite", *TRAIN_ARGS, *extra]))
     return summary["seconds_per_epoch"]
 
 
@@ -91,7 +94,9 @@ def main() -> None:
     p.add_argument("--codec", default=None, help="extraction codec (default: extract's default)")
     p.add_argument("--pack", type=int, default=1,
                    help="join N consecutive Rotten Tomatoes snippets into one example (longer inputs, GLUE-like lengths)")
+    p.add_argument("--train-args", default="", help="more side_train.run flags for every epoch, e.g. '--attention-dropout 0'")
     args = p.parse_args()
+    TRAIN_ARGS.extend(args.train_args.split())
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     from make_tiny_t5 import make_tiny_t5
@@ -107,7 +112,7 @@ def main() -> None:
        "--splits", "train,validation", "--importance", "none", "--quiet", *codec, *data)
     extract_s = time.perf_counter() - t0
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-               "load_before": os.getloadavg(), "examples": args.examples, "pack": args.pack, "extract_seconds": round(extract_s, 1)}
+               "load_before": os.getloadavg(), "examples": args.examples, "pack": args.pack, "train_args": args.train_args, "extract_seconds": round(extract_s, 1)}
     encoder = json.loads((cache / "manifest.json").read_text())["splits"]["train"]["stacks"]["encoder"]
     results["train_tokens_per_example"] = round(encoder["num_tokens"] / encoder["num_sequences"], 1)
     # two rounds, interleaved, to see the noise

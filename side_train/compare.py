@@ -215,7 +215,7 @@ def lst_config(backbone: Backbone, spec: TaskSpec, args: argparse.Namespace) -> 
     from side_train.recipe import side_config_for
 
     side_args = argparse.Namespace(reduction=args.reduction, side_layers=args.side_layers, drop_layers=args.drop_layers,
-                                   dropout=0.1, pooling="mean")
+                                   dropout=0.1, attention_dropout=None, pooling="mean")
     return side_config_for(backbone, spec, side_args)
 
 

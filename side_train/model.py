@@ -46,6 +46,7 @@ class SideConfig:
     encoder_layers: list[int] = field(default_factory=list)  # backbone block indices, 0-based
     decoder_layers: list[int] = field(default_factory=list)
     dropout: float = 0.1
+    attention_dropout: float | None = None  # on the attention probabilities; None: `dropout` (the reference)
     gate_temperature: float = 0.1
     norm_eps: float = 1e-6
     feed_forward: str = "relu"  # T5: relu | gated-gelu; encoder: gelu
@@ -56,6 +57,10 @@ class SideConfig:
     num_labels: int = 2
     label_kind: str = "class"
     pooling: str = "mean"
+
+    @property
+    def attention_p(self) -> float:
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
 
     @property
     def d(self) -> int:
@@ -231,11 +236,11 @@ class T5SideBlock(nn.Module):
     def __init__(self, cfg: SideConfig, is_decoder: bool):
         super().__init__()
         self.self_norm = RMSNorm(cfg.d, cfg.norm_eps)
-        self.self_attn = Attention(cfg.d, cfg.num_heads, cfg.d_kv, bias=False, scaled=False, dropout=cfg.dropout)
+        self.self_attn = Attention(cfg.d, cfg.num_heads, cfg.d_kv, bias=False, scaled=False, dropout=cfg.attention_p)
         self.is_decoder = is_decoder
         if is_decoder:
             self.cross_norm = RMSNorm(cfg.d, cfg.norm_eps)
-            self.cross_attn = Attention(cfg.d, cfg.num_heads, cfg.d_kv, bias=False, scaled=False, dropout=cfg.dropout)
+            self.cross_attn = Attention(cfg.d, cfg.num_heads, cfg.d_kv, bias=False, scaled=False, dropout=cfg.attention_p)
         self.ff_norm = RMSNorm(cfg.d, cfg.norm_eps)
         self.gated = cfg.feed_forward.startswith("gated")
         if self.gated:
@@ -261,7 +266,7 @@ class BertSideBlock(nn.Module):
     def __init__(self, cfg: SideConfig):
         super().__init__()
         d_head = cfg.d // cfg.num_heads
-        self.self_attn = Attention(cfg.d, cfg.num_heads, d_head, bias=True, scaled=True, dropout=cfg.dropout)
+        self.self_attn = Attention(cfg.d, cfg.num_heads, d_head, bias=True, scaled=True, dropout=cfg.attention_p)
         self.attn_norm = nn.LayerNorm(cfg.d, eps=cfg.norm_eps)
         self.wi = nn.Linear(cfg.d, cfg.d_ff)
         self.wo = nn.Linear(cfg.d_ff, cfg.d)

@@ -61,10 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("epochs", "max_steps"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.reader_workers < 0:
+    if args.reader_workers is not None and args.reader_workers < 0:
         raise UserError(f"--reader-workers must be non-negative, got {args.reader_workers}")
     if args.lr <= 0 or args.warmup_steps < 0 or args.save_every < 0 or not 0 <= args.dropout < 1:
         raise UserError("--lr must be positive, --warmup-steps and --save-every non-negative, --dropout in [0, 1)")
+    if args.attention_dropout is not None and not 0 <= args.attention_dropout < 1:
+        raise UserError(f"--attention-dropout must be in [0, 1), got {args.attention_dropout}")
     if args.live and not args.cache and args.model is None and args.task is None:
         pass  # live on the embedded default
     return args

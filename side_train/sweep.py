@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import gc
 import itertools
 import json
@@ -37,7 +38,7 @@ from shared.backbones import pick_device
 from shared.errors import UserError, cli_entry
 from side_train import run as solo
 from side_train.data import Batch, epoch_batches, iter_batches
-from side_train.memory import SavedTensorCounter, account, device_tensors
+from side_train.memory import SavedTensorCounter, account, device_tensors, recompute_bytes
 from side_train.model import LadderSideNetwork, SideConfig
 from side_train.recipe import (
     backbone_parameters,
@@ -327,15 +328,16 @@ def estimate_memory(members: list[Member], train_source, lm_head: torch.Tensor |
         key = json.dumps([m.side_cfg.to_json(), m.train_cfg.batch_size])
         if key not in probes:
             with torch.random.fork_rng(devices=[]):
-                model = LadderSideNetwork(m.side_cfg, lm_head).train()
+                model = LadderSideNetwork(m.side_cfg, lm_head).train().set_recompute(m.train_cfg.recompute)
                 batch = m.views["train"].batch(longest).to(torch.device("cpu"))
                 inputs = [t for t in vars(batch).values() if torch.is_tensor(t)]
                 with SavedTensorCounter(exclude=[*device_tensors(model), *inputs]) as counter:
                     model.loss(batch)
-                probe = account(model, inputs, counter)
+                extra = recompute_bytes(model, functools.partial(model.loss, batch), [*device_tensors(model), *inputs])
+                probe = account(model, inputs, counter, extra)
                 scale = m.train_cfg.batch_size / len(longest)
                 probes[key] = (probe.parameter_bytes + probe.optimizer_bytes,
-                               probe.gradient_bytes + int((probe.saved_bytes + probe.input_bytes) * scale))
+                               probe.gradient_bytes + int((probe.saved_bytes + probe.recompute_bytes + probe.input_bytes) * scale))
                 del model, batch, counter
         m.resident_bytes, m.step_bytes = probes[key]
 

@@ -158,6 +158,23 @@ def test_recompute_gives_the_same_loss_and_gradients_with_less_saved():
     assert recompute_saved < saved / 2
 
 
+def test_attention_dropout_is_separate_and_saved(tmp_path):
+    from side_train.model import Attention, Dropout
+
+    side, batch = tiny_side_and_batch()
+    side.cfg.attention_dropout = 0.0
+    side = LadderSideNetwork(side.cfg, lm_head=side.lm_head)
+    assert {m.dropout for m in side.modules() if isinstance(m, Attention)} == {0.0}
+    assert {m.p for m in side.modules() if isinstance(m, Dropout)} == {0.1}
+    side.save_pretrained(tmp_path)
+    assert LadderSideNetwork.from_pretrained(tmp_path, side.lm_head).cfg.attention_p == 0.0
+    side.train()
+    torch.manual_seed(0)
+    first = side.loss(batch)
+    torch.manual_seed(1)
+    assert not torch.equal(first, side.loss(batch))  # the other dropouts are still on
+
+
 def test_pruned_init_equals_slices_of_the_backbone(tiny_t5):
     from backbone_cache.importance import magnitude_importance, row_scores
     from shared.backbones import load_backbone
