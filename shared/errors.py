@@ -6,11 +6,18 @@ import errno
 import functools
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 
 
 class UserError(Exception):
     """A problem the user can fix; printed as one line, exit status 2."""
+
+
+def quiet_abandoned_reads() -> None:
+    """After an error, zarr's abandoned async reads would log or warn at exit; the error line says it all."""
+    logging.getLogger("asyncio").disabled = True
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 def cli_entry(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
@@ -22,7 +29,7 @@ def cli_entry(main: Callable[[list[str] | None], int | None]) -> Callable[[list[
             return int(main(argv) or 0)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
-            logging.getLogger("asyncio").disabled = True  # zarr's abandoned read tasks would log at exit
+            quiet_abandoned_reads()
             return 2
         except KeyboardInterrupt:
             print("error: interrupted; rerun the same command to resume", file=sys.stderr)
@@ -39,6 +46,7 @@ def cli_entry(main: Callable[[list[str] | None], int | None]) -> Callable[[list[
                 raise
             where = f" ({err.filename})" if err.filename else ""
             print(f"error: {hint}{where}", file=sys.stderr)
+            quiet_abandoned_reads()
             return 1
 
     return wrapped
