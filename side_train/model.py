@@ -135,7 +135,11 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
         return x
     if x.is_cuda:
         return F.dropout(x, p, training=True)
-    return torch.where(torch.rand(x.shape, device=x.device) >= p, x * (1.0 / (1.0 - p)), 0.0)
+    return _dropped(x, _keep_mask(x.shape, x.device, p), 1.0 / (1.0 - p))
+
+
+def _keep_mask(shape: torch.Size, device: torch.device, p: float) -> torch.Tensor:
+    return torch.rand(shape, device=device) >= p
 
 
 class Dropout(nn.Module):
@@ -188,7 +192,7 @@ def ladder_projection(linear: nn.Linear, states: torch.Tensor, drop: Dropout | N
     if states.dtype == weight.dtype or not torch.is_grad_enabled():
         x = states.to(weight.dtype)
         return linear(drop(x) if drop is not None else x)
-    keep = torch.rand(states.shape, device=states.device) >= p if p > 0 else None
+    keep = _keep_mask(states.shape, states.device, p) if p > 0 else None
     return _LadderProjection.apply(states, keep, 1.0 / (1.0 - p), weight, linear.bias)
 
 
@@ -370,7 +374,8 @@ class LadderSideNetwork(nn.Module):
 
     def set_recompute(self, enabled: bool) -> LadderSideNetwork:
         """Activation checkpointing of the side blocks: keep each block's inputs, recompute its
-        activations in backward (about one more side forward per step; gradients unchanged)."""
+        activations in backward (about one more side forward per step; the same loss, gradients
+        equal up to float summation order)."""
         for stack in self.stacks():
             stack.recompute = enabled
         return self
@@ -460,7 +465,7 @@ class LadderSideNetwork(nn.Module):
 
 def init_projections(model: LadderSideNetwork, std: float = 0.01) -> None:
     """Ladders, embedding down-projections and the up-projection: N(0, std), bias 0 (reference)."""
-    stacks = [model.encoder] + ([model.decoder] if model.cfg.family == "t5" else [])
+    stacks = model.stacks()
     linears = [model.upsample] + [m for s in stacks for m in [s.down_emb, *s.ladders]]
     for linear in linears:
         nn.init.normal_(linear.weight, 0.0, std)
