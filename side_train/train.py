@@ -148,10 +148,13 @@ class TrainState:
                     inputs = [t for t in vars(batch).values() if torch.is_tensor(t)]
                     with SavedTensorCounter(exclude=[*device_tensors(self.model), *inputs]) as counter:
                         loss = self.model.loss(batch)
-                    extra = recompute_bytes(self.model, lambda: self.model.loss(batch), [*device_tensors(self.model), *inputs])
-                    step_memory = account(self.model, inputs, counter, extra)
-                    if self.memory is None or step_memory.total_bytes > self.memory.total_bytes:
-                        self.memory = step_memory
+                    step_memory = account(self.model, inputs, counter)
+                    # the extra forward that counts recomputation only for a batch that may be the largest
+                    if self.memory is None or step_memory.total_bytes > self.memory.total_bytes - self.memory.recompute_bytes:
+                        step_memory.recompute_bytes = recompute_bytes(self.model, lambda: self.model.loss(batch),
+                                                                      [*device_tensors(self.model), *inputs])
+                        if self.memory is None or step_memory.total_bytes > self.memory.total_bytes:
+                            self.memory = step_memory
                 else:
                     loss = self.model.loss(batch)
             loss.backward()
