@@ -25,6 +25,7 @@ from tqdm import tqdm
 from backbone_cache.plan import SplitPlan, plan_split
 from backbone_cache.writer import BackgroundWriter, StackWriter
 from shared import __version__
+from shared.allocator import keep_freed_memory
 from shared.backbones import Backbone, load_backbone, pick_device
 from shared.cache_format import (
     CODECS,
@@ -367,6 +368,7 @@ class Extraction:
         return out
 
     def run(self) -> Path:
+        keep_freed_memory()  # the forward's large temporaries reuse memory (shared.allocator)
         folder, manifest, swap = self.prepare_folder()
         self.manifest = manifest
         if manifest.get("complete"):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
 import functools
 import gc
 import json
@@ -42,6 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from backbone_cache.plan import SplitPlan, offsets_from_lengths, plan_split
+from shared.allocator import keep_freed_memory, release_freed_memory
 from shared.backbones import DEFAULT_MODEL, Backbone, EncoderBackbone, T5Backbone, default_model_dir, load_backbone, pick_device
 from shared.errors import UserError, cli_entry
 from shared.metrics import compute_metrics
@@ -544,15 +544,12 @@ def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
+    release_freed_memory()
 
 
 def compare(args: argparse.Namespace) -> tuple[list[Row], dict]:
     """Measure every method; return the rows and the settings they were measured with."""
+    keep_freed_memory()
     device = pick_device(args.device)
     memory_device = torch.device("meta") if args.memory_on == "meta" else device
     reference = fresh_backbone(args, torch.device("meta"))  # config and tokenizer only

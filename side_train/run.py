@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from shared.allocator import keep_freed_memory
 from shared.backbones import pick_device
 from shared.errors import UserError, cli_entry
 from side_train.recipe import (
@@ -107,6 +108,7 @@ def first_difference(stored: dict, wanted: dict, path: str = "") -> str:
 
 def run(args: argparse.Namespace) -> dict:
     """Everything `main` does, returning the summary (the Python API)."""
+    keep_freed_memory()  # the step's large temporaries reuse memory (shared.allocator)
     device = pick_device(args.device)
     sources = open_sources(args, device)
     if "train" not in sources.splits:

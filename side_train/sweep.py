@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from shared.allocator import keep_freed_memory
 from shared.backbones import pick_device
 from shared.errors import UserError, cli_entry
 from side_train import run as solo
@@ -437,6 +438,7 @@ def finish_member(m: Member, sources, total_params: int, device: torch.device, t
 
 def sweep(args: argparse.Namespace, rest: list[str]) -> list[dict]:
     """Everything `main` does; returns the results table's rows, one per configuration (the Python API)."""
+    keep_freed_memory()  # the steps' large temporaries reuse memory (shared.allocator)
     start = time.perf_counter()
     device = pick_device(args.device)
     grid = parse_grid(args.grid)

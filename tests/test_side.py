@@ -147,6 +147,74 @@ def test_ladder_projection_with_dropout_matches_the_float_computation():
         torch.testing.assert_close(_LadderProjection.apply(states, keep, 1 / 0.9, weight, bias), reference, rtol=0, atol=0)
 
 
+def test_cpu_dropout_mask_has_the_rate_and_follows_torch_rng():
+    from side_train.model import keep_mask
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(3)
+    keep, scale = keep_mask((1000, 1000), cpu, 0.1)
+    assert keep.dtype == torch.bool and keep.shape == (1000, 1000)
+    kept = keep.float().mean().item()
+    assert abs(kept - 0.9) < 0.002  # 6 standard deviations of a 10^6-draw mean
+    assert scale == 65536 / (65536 - 6554) and abs(kept * scale - 1) < 0.003  # p rounded to 2**-16, scale to match
+    flat = keep.flatten().numpy().astype(np.float64)
+    for lag in (1, 2, 3, 4):  # the four 16-bit lanes of each 64-bit draw are independent
+        assert abs(np.corrcoef(flat[:-lag], flat[lag:])[0, 1]) < 0.01
+    torch.manual_seed(3)
+    assert torch.equal(keep_mask((1000, 1000), cpu, 0.1)[0], keep)  # torch.manual_seed fixes it
+    state = torch.get_rng_state()
+    first = keep_mask((4000,), cpu, 0.5)[0]
+    torch.set_rng_state(state)
+    assert torch.equal(keep_mask((4000,), cpu, 0.5)[0], first)  # restoring torch's RNG state replays it
+    assert not torch.equal(keep_mask((4000,), cpu, 0.5)[0], first)  # and the next draw differs
+    assert abs(first.float().mean().item() - 0.5) < 0.05
+
+
+def test_cpu_dropout_scales_kept_values_and_their_gradient():
+    from side_train.model import dropout
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 256, requires_grad=True)
+    out = dropout(x, 0.25)
+    kept = out != 0
+    scale = 65536 / (65536 - 16384)
+    assert torch.equal(out[kept], x[kept] * scale) and 0.70 < kept.float().mean().item() < 0.80
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad, kept.float() * scale)
+    assert dropout(x, 0.0) is x
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_folded_lm_head_equals_the_direct_product(monkeypatch, training):
+    import side_train.model as model_module
+
+    side, _ = tiny_side_and_batch()
+    torch.nn.init.normal_(side.upsample.weight)
+    torch.nn.init.normal_(side.upsample.bias)
+    s = torch.randn(4, 3, side.cfg.d)
+    results = []
+    for fold in (False, True):
+        monkeypatch.setattr(model_module, "_fold_pays", lambda *args, fold=fold: fold)
+        side.zero_grad()
+        with torch.set_grad_enabled(training):
+            logits = side.vocab_logits(s)
+        if training:
+            logits.square().sum().backward()
+        results.append((logits.detach(), side.upsample.weight.grad, side.upsample.bias.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-4)
+    if training:
+        torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(results[1][2], results[0][2], rtol=1e-4, atol=1e-3)
+
+
+def test_lm_head_is_folded_only_where_it_saves_work():
+    from side_train.model import _fold_pays
+
+    # T5-base, r = 8 (d 96 of 768): a training batch of 100 x 2 label tokens folds, 12 tokens do not
+    assert _fold_pays(200, 96, 768, training=True) and not _fold_pays(12, 96, 768, training=True)
+    assert _fold_pays(120, 96, 768, training=False) and not _fold_pays(100, 96, 768, training=False)
+
+
 def test_recompute_gives_the_same_loss_and_gradients_with_less_saved():
     side, batch = tiny_side_and_batch()
     loss, grads, saved = loss_and_gradients(side, batch)
@@ -256,6 +324,7 @@ def test_run_folder_is_not_clobbered(t5_cache, tmp_path):
         (["--model", "bert-base-uncased"], "was built from model"),
         (["--side-layers", "0,7"], "side layers"),
         (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--attention-dropout", "1"], "--attention-dropout must be in [0, 1)"),
     ],
 )
 def test_bad_training_input_is_one_line(t5_cache, tmp_path, extra, needle):
