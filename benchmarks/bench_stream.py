@@ -4,7 +4,8 @@
    ladder state already in memory (the I/O overhead; target <= 1.15x);
 2. a cached epoch vs a live epoch of the same side network on a T5-base-shaped backbone
    (random weights: the arithmetic of T5-base; target >= 10x on CPU);
-3. reader throughput (a whole epoch of pools) vs a raw memmap read of the same bytes.
+3. reader throughput (a whole epoch of pools) vs a raw memmap read of the same bytes;
+4. the arithmetic behind 2: FLOPs of the live backbone per batch and of one side step.
 
     python benchmarks/bench_stream.py --examples 600 --work /tmp/bench_stream
 """
@@ -70,6 +71,37 @@ def reader_throughput(cache: Path, work: Path) -> dict:
             "memmap_GBps": nbytes / limit / 1e9}
 
 
+def arithmetic(cache: Path, batches: int = 3) -> dict:
+    """Matrix-product FLOPs (torch's FlopCounterMode) per training batch, over the first batches
+    of epoch 0: the live backbone's forward (what caching removes) and one side-network step
+    (forward and backward, what remains). 1 + backbone / side is the cached-vs-live ratio a
+    side step would reach if it ran at the backbone's FLOP rate."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from side_train.data import epoch_batches
+    from side_train.recipe import build_side_network, materialize, open_sources, side_config_for
+    from side_train.run import parse_args
+
+    args = parse_args(["--cache", str(cache), "--live", "--out", str(cache.parent / "flops"), "--drop-layers", "3",
+                       "--init", "random", *TRAIN_ARGS])
+    cpu = torch.device("cpu")
+    sources = open_sources(args, cpu, splits=("train",))
+    cfg = side_config_for(sources.backbone, sources.spec, args)
+    model = build_side_network(cfg, sources.backbone, "random", None, 0).train()
+    live = materialize(sources, cfg, None, "live", 0, cpu)["train"]
+    plan = epoch_batches(live.lengths, 100, 0, 0)
+    backbone_flops = side_flops = 0
+    for rows in plan[:batches]:
+        with FlopCounterMode(display=False) as counter:
+            batch = live.batch(rows)
+        backbone_flops += counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            model.loss(batch).backward()
+        side_flops += counter.get_total_flops()
+    return {"backbone_gflop_per_batch": backbone_flops / batches / 1e9, "side_step_gflop_per_batch": side_flops / batches / 1e9,
+            "ideal_live_over_cached": 1 + backbone_flops / side_flops}
+
+
 def packed_data(work: Path, pack: int) -> list[str]:
     """Local jsonl files whose examples are `pack` consecutive snippets joined (label of the first)."""
     from shared.tasks import load_default
@@ -122,6 +154,7 @@ def main() -> None:
         results[f"disk_thread_{r}"] = epoch_seconds(cache, work / "disk0", "--tier", "disk", "--reader-workers", "0")
     results["live"] = epoch_seconds(cache, work / "live", "--live")
     results.update(reader_throughput(cache, work))
+    results.update(arithmetic(cache))
     results["load_after"] = os.getloadavg()
     ram = min(results["ram_0"], results["ram_1"])
     disk = min(results["disk_0"], results["disk_1"])

@@ -238,8 +238,6 @@ class Attention(nn.Module):
                 context: torch.Tensor | None = None) -> torch.Tensor:
         """mask: additive [B, 1, Lq or 1, L]; position_bias: [1, heads, Lq, L] (T5 self-attention)."""
         b, n, _ = x.shape
-        # added here, per block: a [B, heads, Lq, L] sum made once per stack would be kept for backward
-        bias = mask if position_bias is None else mask + position_bias
         context = x if context is None else context
 
         def split(t: torch.Tensor) -> torch.Tensor:
@@ -249,12 +247,16 @@ class Attention(nn.Module):
         p = self.dropout if self.training else 0.0
         if p and not q.is_cuda:
             # SDPA would take its math path here anyway (dropout off CUDA); this is that path
-            # with the faster dropout mask
+            # with the faster dropout mask, and the biases added in place (no [B, heads, Lq, L] sum)
             scores = q @ k.transpose(-2, -1)
             if self.scale != 1.0:
-                scores = scores * self.scale
-            out = dropout((scores + bias.to(scores.dtype)).softmax(-1), p) @ v
+                scores.mul_(self.scale)
+            if position_bias is not None:
+                scores.add_(position_bias.to(scores.dtype))
+            out = dropout(scores.add_(mask.to(scores.dtype)).softmax(-1), p) @ v
         else:
+            # added here, per block: a [B, heads, Lq, L] sum made once per stack would be kept for backward
+            bias = mask if position_bias is None else mask + position_bias
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p, scale=self.scale)
         return self.o(out.transpose(1, 2).reshape(b, n, self.heads * self.d_head))
 
