@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from shared.errors import UserError
+from shared.shard_reader import ShardedArrayReader
 
 FORMAT_NAME = "lst-activation-cache"
 FORMAT_VERSION = 1
@@ -179,6 +180,8 @@ class StackReader:
         group = zarr.open_group(str(self.path), mode="r")
         self.group = group
         self.hidden = group["hidden"]
+        # the same bytes as self.hidden[...], read without zarr's pipeline where the layout allows (shared.shard_reader)
+        self.fast_hidden = ShardedArrayReader.open(self.path / "hidden")
         self.precision = meta.get("precision", "bf16")
         if self.precision == "int8":
             self.outlier_index = np.asarray(group["outlier_index"][:])  # [shards, layers, k]
@@ -187,11 +190,16 @@ class StackReader:
         self.labels = np.asarray(group["labels"][:], dtype=np.int32) if "labels" in group else None
         self.token_type_ids = np.asarray(group["token_type_ids"][:], dtype=np.int32) if "token_type_ids" in group else None
 
+    def _hidden(self, start: int, stop: int, layers: slice) -> np.ndarray:
+        if self.fast_hidden is not None and layers.step in (None, 1):
+            return self.fast_hidden.read(start, stop, layers)
+        return self.hidden[start:stop, layers]
+
     def _decode(self, start: int, stop: int, layers: slice) -> np.ndarray:
         """fp8 / int8 storage back to bf16 bits (see shared.quantize)."""
         from shared.quantize import decode_fp8, decode_int8
 
-        codes, scale = self.hidden[start:stop, layers], self.group["scale"][start:stop, layers]
+        codes, scale = self._hidden(start, stop, layers), self.group["scale"][start:stop, layers]
         if self.precision == "fp8":
             return decode_fp8(codes, scale)
         outliers = self.group["outliers"][start:stop, layers]
@@ -227,13 +235,18 @@ class StackReader:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def read_tokens(self, start: int, stop: int, layers: slice | None = None) -> np.ndarray:
-        """uint16 bf16 bits [stop - start, layers, d]; a failed checksum is a user error."""
+    def read_tokens(self, start: int, stop: int, layers: slice | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """uint16 bf16 bits [stop - start, layers, d] (written into `out` if given, which is
+        returned); a failed checksum is a user error."""
         layers = slice(None) if layers is None else layers
         try:
-            if self.precision == "bf16":
-                return self.hidden[start:stop, layers]
-            return self._decode(start, stop, layers)
+            if self.precision == "bf16" and out is not None and self.fast_hidden is not None and layers.step in (None, 1):
+                return self.fast_hidden.read(start, stop, layers, out=out)  # decoded straight into place
+            bits = self._hidden(start, stop, layers) if self.precision == "bf16" else self._decode(start, stop, layers)
+            if out is None:
+                return bits
+            out[...] = bits
+            return out
         except ValueError as err:
             if "checksum" not in str(err):
                 raise

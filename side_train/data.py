@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.cache_format import StackReader, from_bf16_bits, read_examples
+from shared.cache_format import StackReader, read_examples
 from shared.errors import UserError
 
 
@@ -138,9 +138,9 @@ def read_layers(reader: StackReader, start: int, stop: int, positions: list[int]
             runs[-1].append(p)
         else:
             runs.append([p])
+    bits = out.view(torch.int16).numpy().view(np.uint16)  # the same memory, as the stored bits
     for run in runs:
-        bits = reader.read_tokens(start, stop, slice(run[0], run[-1] + 1))
-        out[:, column : column + len(run)] = from_bf16_bits(bits)
+        reader.read_tokens(start, stop, slice(run[0], run[-1] + 1), out=bits[:, column : column + len(run)])
         column += len(run)
 
 

@@ -54,9 +54,9 @@ def test_streaming_reads_only_the_layers_used(t5_cache, monkeypatch):
     requested = []
     real = data.StackReader.read_tokens
 
-    def spy(self, start, stop, layers=None):
+    def spy(self, start, stop, layers=None, out=None):
         requested.append((self.path.name, layers))
-        return real(self, start, stop, layers)
+        return real(self, start, stop, layers, out)
 
     monkeypatch.setattr(data.StackReader, "read_tokens", spy)
     manifest = read_manifest(t5_cache)
