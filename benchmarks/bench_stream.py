@@ -32,14 +32,16 @@ def sh(*args: str) -> None:
     subprocess.run([sys.executable, "-m", *args], cwd=REPO, check=True)
 
 
-TRAIN_ARGS: list[str] = []  # --train-args
+TRAIN_ARGS: list[str] = []  # --train-args, --device and --drop-layers
+SHAPES = {"t5-base": {"d_model": 768, "layers": 12, "heads": 12, "d_ff": 3072},
+          "t5-large": {"d_model": 1024, "layers": 24, "heads": 16, "d_ff": 4096}}
 
 
 def epoch_seconds(cache: Path, out: Path, *extra: str) -> float:
     from side_train.run import parse_args, run
 
     summary = run(parse_args(["--cache", str(cache), "--out", str(out), "--epochs", "1", "--init", "magnitude",
-                              "--drop-layers", "3", "--quiet", "--overwrite", *TRAIN_ARGS, *extra]))
+                              "--quiet", "--overwrite", *TRAIN_ARGS, *extra]))
     return summary["seconds_per_epoch"]
 
 
@@ -82,13 +84,12 @@ def arithmetic(cache: Path, batches: int = 3) -> dict:
     from side_train.recipe import build_side_network, materialize, open_sources, side_config_for
     from side_train.run import parse_args
 
-    args = parse_args(["--cache", str(cache), "--live", "--out", str(cache.parent / "flops"), "--drop-layers", "3",
-                       "--init", "random", *TRAIN_ARGS])
-    cpu = torch.device("cpu")
-    sources = open_sources(args, cpu, splits=("train",))
+    args = parse_args(["--cache", str(cache), "--live", "--out", str(cache.parent / "flops"), "--init", "random", *TRAIN_ARGS])
+    device = torch.device(args.device if args.device != "auto" else "cpu")
+    sources = open_sources(args, device, splits=("train",))
     cfg = side_config_for(sources.backbone, sources.spec, args)
-    model = build_side_network(cfg, sources.backbone, "random", None, 0).train()
-    live = materialize(sources, cfg, None, "live", 0, cpu)["train"]
+    model = build_side_network(cfg, sources.backbone, "random", None, 0).to(device).train()
+    live = materialize(sources, cfg, None, "live", 0, device)["train"]
     plan = epoch_batches(live.lengths, 100, 0, 0)
     backbone_flops = side_flops = 0
     for rows in plan[:batches]:
@@ -96,7 +97,7 @@ def arithmetic(cache: Path, batches: int = 3) -> dict:
             batch = live.batch(rows)
         backbone_flops += counter.get_total_flops()
         with FlopCounterMode(display=False) as counter:
-            model.loss(batch).backward()
+            model.loss(batch.to(device)).backward()
         side_flops += counter.get_total_flops()
     return {"backbone_gflop_per_batch": backbone_flops / batches / 1e9, "side_step_gflop_per_batch": side_flops / batches / 1e9,
             "ideal_live_over_cached": 1 + backbone_flops / side_flops}
@@ -127,24 +128,30 @@ def main() -> None:
     p.add_argument("--pack", type=int, default=1,
                    help="join N consecutive Rotten Tomatoes snippets into one example (longer inputs, GLUE-like lengths)")
     p.add_argument("--train-args", default="", help="more side_train.run flags for every epoch, e.g. '--attention-dropout 0'")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="t5-base", help="random-weight backbone of this model's shape")
+    p.add_argument("--drop-layers", type=int, default=3, help="side layers dropped per stack")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (adds a GPU-tier round)")
     args = p.parse_args()
-    TRAIN_ARGS.extend(args.train_args.split())
+    TRAIN_ARGS.extend(["--device", args.device, "--drop-layers", str(args.drop_layers), *args.train_args.split()])
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     from make_tiny_t5 import make_tiny_t5
 
-    model = work / "t5-base-shaped"
+    model = work / f"{args.shape}-shaped"
     if not (model / "model.safetensors").exists():
-        make_tiny_t5(model, d_model=768, layers=12, heads=12, d_ff=3072)
+        make_tiny_t5(model, **SHAPES[args.shape])
     cache = work / "cache"
     t0 = time.perf_counter()
     codec = ["--codec", args.codec] if args.codec else []
     data = packed_data(work, args.pack) if args.pack > 1 else []
     sh("backbone_cache.extract", "--model", str(model), "--out", str(cache), "--limit", str(args.examples),
-       "--splits", "train,validation", "--importance", "none", "--quiet", *codec, *data)
+       "--splits", "train,validation", "--importance", "none", "--quiet", "--device", args.device, *codec, *data)
     extract_s = time.perf_counter() - t0
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-               "load_before": os.getloadavg(), "examples": args.examples, "pack": args.pack, "train_args": args.train_args, "extract_seconds": round(extract_s, 1)}
+               "load_before": os.getloadavg(), "examples": args.examples, "pack": args.pack, "train_args": args.train_args, "extract_seconds": round(extract_s, 1),
+               "shape": args.shape, "device": args.device, "drop_layers": args.drop_layers}
+    if args.device.startswith("cuda"):
+        results["gpu"] = torch.cuda.get_device_name()
     encoder = json.loads((cache / "manifest.json").read_text())["splits"]["train"]["stacks"]["encoder"]
     results["train_tokens_per_example"] = round(encoder["num_tokens"] / encoder["num_sequences"], 1)
     # two rounds, interleaved, to see the noise
@@ -152,6 +159,8 @@ def main() -> None:
         results[f"ram_{r}"] = epoch_seconds(cache, work / "ram", "--tier", "ram")
         results[f"disk_{r}"] = epoch_seconds(cache, work / "disk", "--tier", "disk", "--reader-workers", "1")
         results[f"disk_thread_{r}"] = epoch_seconds(cache, work / "disk0", "--tier", "disk", "--reader-workers", "0")
+        if args.device.startswith("cuda"):
+            results[f"gpu_{r}"] = epoch_seconds(cache, work / "gpu", "--tier", "gpu")
     results["live"] = epoch_seconds(cache, work / "live", "--live")
     results.update(reader_throughput(cache, work))
     results.update(arithmetic(cache))
@@ -163,6 +172,8 @@ def main() -> None:
     results["ratio_disk_thread_over_ram"] = disk0 / ram
     results["ratio_live_over_disk"] = results["live"] / disk
     results["ratio_live_over_ram"] = results["live"] / ram
+    if args.device.startswith("cuda"):
+        results["ratio_live_over_gpu_tier"] = results["live"] / min(results["gpu_0"], results["gpu_1"])
     print(json.dumps(results, indent=1))
 
 
