@@ -4,7 +4,8 @@ zarr-python reads a shard through its asynchronous codec pipeline at about 0.2-0
 decoded states on one core of the development VM, while the codecs themselves (zstd level 1
 and CRC32C) run at about 0.9 and 10 GB/s. For the layout `backbone_cache` writes (see
 docs/cache-format.md) this reader maps each shard file, checks the shard index's and every
-inner chunk's CRC32C, and decompresses the chunks it needs itself:
+inner chunk's CRC32C, and decompresses the chunks it needs itself. Chunks are read with
+pread, not mapped, so the process's resident memory does not grow with the cache:
 
     <array>/zarr.json       sharding_indexed, index at the end
     <array>/c/<i>/<j>/<k>   inner chunks [bytes(little) -> zstd (optional) -> crc32c],
@@ -18,7 +19,6 @@ shards and chunks read as the array's fill value, as in zarr.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 from pathlib import Path
 
@@ -46,7 +46,7 @@ class ShardedArrayReader:
         self._zstd = Zstd() if any(c["name"] == "zstd" for c in sharding["codecs"]) else None
         self.chunks_per_shard = tuple(s // c for s, c in zip(self.shard_shape, self.chunk_shape, strict=True))
         self.separator = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
-        self._shards: dict[tuple[int, int], tuple[mmap.mmap, np.ndarray] | None] = {}
+        self._indexes: dict[tuple[int, int], tuple[Path, int, np.ndarray] | None] = {}
 
     @classmethod
     def open(cls, path: Path) -> ShardedArrayReader | None:
@@ -58,9 +58,6 @@ class ShardedArrayReader:
             return cls(path, meta)
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             return None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_shards": {}}  # maps are per process
 
     def read(self, start: int, stop: int, columns: slice, out: np.ndarray | None = None) -> np.ndarray:
         """array[start:stop, columns, :], written into `out` (any strides, same dtype) or a new array."""
@@ -76,37 +73,49 @@ class ShardedArrayReader:
         if out.size == 0:
             return out
         rows_per_shard, cols_per_shard = self.shard_shape[0], self.shard_shape[1]
-        rows_per_chunk, cols_per_chunk = self.chunk_shape[0], self.chunk_shape[1]
         for shard_row in range(start // rows_per_shard, (stop - 1) // rows_per_shard + 1):
             for shard_col in range(first_col // cols_per_shard, (stop_col - 1) // cols_per_shard + 1):
-                shard = self._shard(shard_row, shard_col)
+                shard = self._index(shard_row, shard_col)
                 row0, col0 = shard_row * rows_per_shard, shard_col * cols_per_shard
                 lo_r, hi_r = max(start, row0), min(stop, row0 + rows_per_shard)
                 lo_c, hi_c = max(first_col, col0), min(stop_col, col0 + cols_per_shard)
                 if shard is None:
                     out[lo_r - start:hi_r - start, lo_c - first_col:hi_c - first_col] = self.fill_value
                     continue
-                data, index = shard
-                for chunk_row in range((lo_r - row0) // rows_per_chunk, (hi_r - 1 - row0) // rows_per_chunk + 1):
-                    for chunk_col in range((lo_c - col0) // cols_per_chunk, (hi_c - 1 - col0) // cols_per_chunk + 1):
-                        r0, c0 = row0 + chunk_row * rows_per_chunk, col0 + chunk_col * cols_per_chunk
-                        a_r, b_r = max(lo_r, r0), min(hi_r, r0 + rows_per_chunk)
-                        a_c, b_c = max(lo_c, c0), min(hi_c, c0 + cols_per_chunk)
-                        target = out[a_r - start:b_r - start, a_c - first_col:b_c - first_col]
-                        offset, nbytes = index[chunk_row, chunk_col, 0]
-                        if offset == _EMPTY:
-                            target[...] = self.fill_value
-                            continue
-                        chunk = self._decode(data, int(offset), int(nbytes), (shard_row, shard_col))
-                        target[...] = chunk[a_r - r0:b_r - r0, a_c - c0:b_c - c0]
+                path, size, index = shard
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    self._read_shard(fd, size, index, (shard_row, shard_col), out, start, first_col, lo_r, hi_r, lo_c, hi_c)
+                finally:
+                    os.close(fd)
         return out
 
-    def _decode(self, data: mmap.mmap, offset: int, nbytes: int, where: tuple[int, int]) -> np.ndarray:
+    def _read_shard(self, fd: int, size: int, index: np.ndarray, where: tuple[int, int], out: np.ndarray, start: int,
+                    first_col: int, lo_r: int, hi_r: int, lo_c: int, hi_c: int) -> None:
+        """Rows lo_r:hi_r and columns lo_c:hi_c (array coordinates, inside one shard) into `out`."""
+        rows_per_chunk, cols_per_chunk = self.chunk_shape[0], self.chunk_shape[1]
+        row0, col0 = where[0] * self.shard_shape[0], where[1] * self.shard_shape[1]
+        for chunk_row in range((lo_r - row0) // rows_per_chunk, (hi_r - 1 - row0) // rows_per_chunk + 1):
+            for chunk_col in range((lo_c - col0) // cols_per_chunk, (hi_c - 1 - col0) // cols_per_chunk + 1):
+                r0, c0 = row0 + chunk_row * rows_per_chunk, col0 + chunk_col * cols_per_chunk
+                a_r, b_r = max(lo_r, r0), min(hi_r, r0 + rows_per_chunk)
+                a_c, b_c = max(lo_c, c0), min(hi_c, c0 + cols_per_chunk)
+                target = out[a_r - start:b_r - start, a_c - first_col:b_c - first_col]
+                offset, nbytes = index[chunk_row, chunk_col, 0]
+                if offset == _EMPTY:
+                    target[...] = self.fill_value
+                    continue
+                chunk = self._decode(fd, size, int(offset), int(nbytes), where)
+                target[...] = chunk[a_r - r0:b_r - r0, a_c - c0:b_c - c0]
+
+    def _decode(self, fd: int, size: int, offset: int, nbytes: int, where: tuple[int, int]) -> np.ndarray:
         import google_crc32c
 
-        if nbytes < 4 or offset + nbytes > len(data):
+        if nbytes < 4 or offset + nbytes > size:
             raise ShardChecksumError(f"shard {where}: a chunk lies outside the file (checksum not verifiable)")
-        view = np.frombuffer(data, dtype=np.uint8, count=nbytes, offset=offset)  # no copy
+        view = np.frombuffer(os.pread(fd, nbytes, offset), dtype=np.uint8)
+        if len(view) != nbytes:
+            raise ShardChecksumError(f"shard {where}: a chunk was cut short (checksum not verifiable)")
         payload, stored = view[:-4], int.from_bytes(view[-4:].tobytes(), "little")
         if google_crc32c.value(payload) != stored:
             raise ShardChecksumError(f"shard {where}: a chunk does not match its checksum")
@@ -116,32 +125,30 @@ class ShardedArrayReader:
             raise ShardChecksumError(f"shard {where}: a chunk decodes to {chunk.size} values, not {np.prod(self.chunk_shape)}")
         return chunk.reshape(self.chunk_shape)
 
-    def _shard(self, shard_row: int, shard_col: int) -> tuple[mmap.mmap, np.ndarray] | None:
-        """(mapped file, index [chunk rows, chunk cols, 1, 2]) of a shard, or None if it was never written."""
+    def _index(self, shard_row: int, shard_col: int) -> tuple[Path, int, np.ndarray] | None:
+        """(file, size, index [chunk rows, chunk cols, 1, 2]) of a shard, or None if it was never written."""
         import google_crc32c
 
         key = (shard_row, shard_col)
-        if key not in self._shards:
-            name = self.separator.join(["c", str(shard_row), str(shard_col), "0"])
+        if key not in self._indexes:
+            path = self.path / self.separator.join(["c", str(shard_row), str(shard_col), "0"])
             try:
-                fd = os.open(self.path / name, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
-                self._shards[key] = None
+                self._indexes[key] = None
                 return None
             try:
-                data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                size = os.fstat(fd).st_size
+                index_bytes = int(np.prod(self.chunks_per_shard)) * 16
+                if size < index_bytes + 4:
+                    raise ShardChecksumError(f"shard {key}: the file is shorter than its index (checksum not verifiable)")
+                tail = np.frombuffer(os.pread(fd, index_bytes + 4, size - index_bytes - 4), dtype=np.uint8)
             finally:
                 os.close(fd)
-            count = int(np.prod(self.chunks_per_shard))
-            index_bytes = count * 16
-            if len(data) < index_bytes + 4:
-                raise ShardChecksumError(f"shard {key}: the file is shorter than its index (checksum not verifiable)")
-            view = np.frombuffer(data, dtype=np.uint8, offset=len(data) - index_bytes - 4)
-            if google_crc32c.value(view[:-4]) != int.from_bytes(view[-4:].tobytes(), "little"):
+            if google_crc32c.value(tail[:-4]) != int.from_bytes(tail[-4:].tobytes(), "little"):
                 raise ShardChecksumError(f"shard {key}: the shard index does not match its checksum")
-            index = view[:-4].view("<u8").reshape(*self.chunks_per_shard, 2).copy()
-            self._shards[key] = (data, index)
-        return self._shards[key]
+            self._indexes[key] = (path, size, tail[:-4].view("<u8").reshape(*self.chunks_per_shard, 2).copy())
+        return self._indexes[key]
 
 
 def _supported(meta: dict) -> bool:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.allocator import keep_freed_memory
 from shared.cache_format import StackReader, read_examples
 from shared.errors import UserError
 from side_train.data import Batch, EpochPlan, gather_padded, pad_ids, read_layers, state_positions
@@ -41,6 +42,7 @@ class PoolDataset(torch.utils.data.Dataset):
 
     def _open(self) -> dict[str, StackReader]:
         if self.readers is None:
+            keep_freed_memory()  # a spawned worker is a fresh process: its pool stores reuse memory too
             self.readers = {s: StackReader(self.cache_dir, self.split, s, m) for s, m in self.meta.items()}
         return self.readers
 

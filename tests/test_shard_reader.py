@@ -75,7 +75,7 @@ def test_a_damaged_chunk_or_index_fails_its_checksum(tmp_path):
         ShardedArrayReader.open(tmp_path / "a").read(256, 512, slice(None))
 
 
-def test_cache_stacks_use_it_and_pickle_without_their_maps(t5_cache):
+def test_cache_stacks_use_it_and_it_pickles(t5_cache):
     meta = read_manifest(t5_cache)["splits"]["train"]["stacks"]["encoder"]
     reader = StackReader(t5_cache, "train", "encoder", meta)
     assert reader.fast_hidden is not None
