@@ -430,7 +430,8 @@ class LadderSideNetwork(nn.Module):
             hidden = up(s) * scale
             return hidden @ self.lm_head.to(hidden.dtype).t()
         device = s.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else up.weight.dtype
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # not on meta
+        dtype = torch.get_autocast_dtype(device) if autocast else up.weight.dtype
         head = self.lm_head.to(dtype)
         return F.linear(s, (head @ up.weight) * scale, (head @ up.bias) * scale)
 

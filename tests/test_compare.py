@@ -106,6 +106,16 @@ def test_meta_device_counts_the_same_bytes_as_a_cpu_step(model, method, request)
     assert cpu == meta
 
 
+@pytest.mark.parametrize("method", ["lst-cached", "lst-live"])
+def test_meta_accounting_covers_the_folded_lm_head(tiny_t5, monkeypatch, method):
+    """Large label batches take the folded LM head (side_train.model._fold_pays); meta counts it alike."""
+    monkeypatch.setattr("side_train.model._fold_pays", lambda *args: True)
+    args, spec, batch = setup(str(tiny_t5))
+    _, cpu, _ = measure(method, args, spec, batch, "cpu")
+    _, meta, _ = measure(method, args, spec, batch, "meta")
+    assert cpu == meta
+
+
 # --- what the LST methods hold and save -----------------------------------------------------------
 
 
