@@ -47,19 +47,9 @@ def epoch_seconds(cache: Path, out: Path, *extra: str) -> float:
 
 def reader_throughput(cache: Path, work: Path) -> dict:
     """GB/s of bf16 states: our pool reader over one epoch vs np.memmap over the same bytes."""
-    from shared.cache_format import read_manifest
-    from side_train.data import epoch_batches
-    from side_train.streaming import PoolDataset, StreamingSplit
+    from bench_reader import epoch_of_pools
 
-    manifest = read_manifest(cache)
-    split = StreamingSplit(cache, manifest, "train", list(range(12)), list(range(12)), workers=0)
-    plan = epoch_batches(split.lengths, 100, 0, 0)
-    dataset = PoolDataset(cache, manifest, "train", split.positions, split.labels, plan, 0)
-    t0 = time.perf_counter()
-    for i in range(len(dataset)):
-        dataset[i]
-    ours = time.perf_counter() - t0
-    nbytes = sum(r.offsets[-1] * len(split.positions[s]) * r.hidden.shape[2] * 2 for s, r in split.readers.items())
+    ours, _, nbytes = epoch_of_pools(cache, direct=True)
     raw = work / "raw.bin"
     np.random.default_rng(0).integers(0, 2**16, nbytes // 2, dtype=np.uint16).tofile(raw)
     subprocess.run(["cat", str(raw)], stdout=subprocess.DEVNULL, check=True)  # page cache, like the warm zarr files

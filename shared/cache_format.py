@@ -168,6 +168,13 @@ def check_files(cache_dir: Path, manifest: dict) -> None:
 # --- readers ------------------------------------------------------------------------------
 
 
+def _into(values: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        return values
+    out[...] = values
+    return out
+
+
 class StackReader:
     """One stack of one split: offsets in memory, hidden states read on demand."""
 
@@ -190,10 +197,11 @@ class StackReader:
         self.labels = np.asarray(group["labels"][:], dtype=np.int32) if "labels" in group else None
         self.token_type_ids = np.asarray(group["token_type_ids"][:], dtype=np.int32) if "token_type_ids" in group else None
 
-    def _hidden(self, start: int, stop: int, layers: slice) -> np.ndarray:
+    def _hidden(self, start: int, stop: int, layers: slice, out: np.ndarray | None = None) -> np.ndarray:
+        """hidden[start:stop, layers], into `out` if given (the direct reader decodes straight into it)."""
         if self.fast_hidden is not None and layers.step in (None, 1):
-            return self.fast_hidden.read(start, stop, layers)
-        return self.hidden[start:stop, layers]
+            return self.fast_hidden.read(start, stop, layers, out=out)
+        return _into(self.hidden[start:stop, layers], out)
 
     def _decode(self, start: int, stop: int, layers: slice) -> np.ndarray:
         """fp8 / int8 storage back to bf16 bits (see shared.quantize)."""
@@ -240,13 +248,9 @@ class StackReader:
         returned); a failed checksum is a user error."""
         layers = slice(None) if layers is None else layers
         try:
-            if self.precision == "bf16" and out is not None and self.fast_hidden is not None and layers.step in (None, 1):
-                return self.fast_hidden.read(start, stop, layers, out=out)  # decoded straight into place
-            bits = self._hidden(start, stop, layers) if self.precision == "bf16" else self._decode(start, stop, layers)
-            if out is None:
-                return bits
-            out[...] = bits
-            return out
+            if self.precision == "bf16":
+                return self._hidden(start, stop, layers, out)
+            return _into(self._decode(start, stop, layers), out)
         except ValueError as err:
             if "checksum" not in str(err):
                 raise

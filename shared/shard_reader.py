@@ -23,6 +23,7 @@ import json
 import os
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 from numcodecs import Zstd
 
@@ -110,8 +111,6 @@ class ShardedArrayReader:
                 target[...] = chunk[a_r - r0:b_r - r0, a_c - c0:b_c - c0]
 
     def _decode(self, fd: int, size: int, offset: int, nbytes: int, where: tuple[int, int]) -> np.ndarray:
-        import google_crc32c
-
         if nbytes < 4 or offset + nbytes > size:
             raise ShardChecksumError(f"shard {where}: a chunk lies outside the file (checksum not verifiable)")
         view = np.frombuffer(os.pread(fd, nbytes, offset), dtype=np.uint8)
@@ -128,8 +127,6 @@ class ShardedArrayReader:
 
     def _index(self, shard_row: int, shard_col: int) -> tuple[Path, int, np.ndarray] | None:
         """(file, size, index [chunk rows, chunk cols, 1, 2]) of a shard, or None if it was never written."""
-        import google_crc32c
-
         key = (shard_row, shard_col)
         if key not in self._indexes:
             path = self.path / self.separator.join(["c", str(shard_row), str(shard_col), "0"])
