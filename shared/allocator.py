@@ -3,8 +3,8 @@
 By default glibc serves every allocation above 32 MiB (or less, as its threshold adapts)
 with a fresh mmap and returns it to the OS on free, so a training step that makes the same
 large temporaries each step (attention maps, dropout masks, logits) page-faults and zeroes
-them anew every time: elementwise work on a 50 MB tensor runs about 4x slower than on
-reused memory (measured on the 2-core development VM; benchmarks/RESULTS.md). Serving them
+them anew every time: a product on a 51 MB tensor runs 4.5-5x slower than on reused
+memory (2-core development VM; benchmarks/bench_side_ops.py, benchmarks/RESULTS.md). Serving them
 from the heap and keeping freed memory in the process removes that cost; the process's
 resident memory then stays near its peak instead of shrinking between steps.
 """
