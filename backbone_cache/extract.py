@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="keep the first N examples of each split")
     p.add_argument("--layers", default="all", help="states kept per stack: 'all' or indices, 0 = embeddings")
     p.add_argument("--codec", default="zstd1", choices=CODECS, help="compression of hidden states")
-    p.add_argument("--chunk-mib", type=float, default=2.0, help="target inner chunk size (read unit)")
+    p.add_argument("--chunk-mib", type=float, default=1.0, help="target inner chunk size (read unit)")
     p.add_argument("--shard-mib", type=float, default=256.0, help="target shard size (write unit, one file)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp8", "int8"],
                    help="stored precision: bf16 bits, fp8 e4m3 with per-token scales, or int8 with outlier channels in bf16")

@@ -5,7 +5,8 @@
 2. a cached epoch vs a live epoch of the same side network on a T5-base-shaped backbone
    (random weights: the arithmetic of T5-base; target >= 10x on CPU);
 3. reader throughput (a whole epoch of pools) vs a raw memmap read of the same bytes;
-4. the arithmetic behind 2: FLOPs of the live backbone per batch and of one side step.
+4. the arithmetic behind 2: FLOPs of the live backbone per batch and of one side step;
+5. with --bf16: 1 and 2 again with the side step in bf16 autocast (`--precision bf16`).
 
     python benchmarks/bench_stream.py --examples 600 --work /tmp/bench_stream
 """
@@ -121,6 +122,8 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="t5-base", help="random-weight backbone of this model's shape")
     p.add_argument("--drop-layers", type=int, default=3, help="side layers dropped per stack")
     p.add_argument("--device", default="cpu", help="cpu or cuda (adds a GPU-tier round)")
+    p.add_argument("--bf16", action="store_true",
+                   help="add RAM, disk (thread) and live rounds with the side step in bf16 (--precision bf16)")
     args = p.parse_args()
     TRAIN_ARGS.extend(["--device", args.device, "--drop-layers", str(args.drop_layers), *args.train_args.split()])
     work = Path(args.work)
@@ -152,6 +155,13 @@ def main() -> None:
         if args.device.startswith("cuda"):
             results[f"gpu_{r}"] = epoch_seconds(cache, work / "gpu", "--tier", "gpu")
     results["live"] = epoch_seconds(cache, work / "live", "--live")
+    # the same side network with its step in bf16 autocast (backbone as before: the cache's precision)
+    if args.bf16:
+        for r in range(2):
+            results[f"ram_bf16_{r}"] = epoch_seconds(cache, work / "ram", "--tier", "ram", "--precision", "bf16")
+            results[f"disk_thread_bf16_{r}"] = epoch_seconds(cache, work / "disk0", "--tier", "disk", "--reader-workers", "0",
+                                                             "--precision", "bf16")
+        results["live_bf16"] = epoch_seconds(cache, work / "live", "--live", "--precision", "bf16")
     results.update(reader_throughput(cache, work))
     results.update(arithmetic(cache))
     results["load_after"] = os.getloadavg()
@@ -162,6 +172,11 @@ def main() -> None:
     results["ratio_disk_thread_over_ram"] = disk0 / ram
     results["ratio_live_over_disk"] = results["live"] / disk
     results["ratio_live_over_ram"] = results["live"] / ram
+    if args.bf16:
+        ram_bf16 = min(results["ram_bf16_0"], results["ram_bf16_1"])
+        results["ratio_live_over_ram_bf16"] = results["live_bf16"] / ram_bf16
+        results["ratio_disk_thread_over_ram_bf16"] = min(results["disk_thread_bf16_0"], results["disk_thread_bf16_1"]) / ram_bf16
+        results["ram_fp32_over_bf16"] = ram / ram_bf16
     if args.device.startswith("cuda"):
         results["ratio_live_over_gpu_tier"] = results["live"] / min(results["gpu_0"], results["gpu_1"])
     print(json.dumps(results, indent=1))

@@ -32,7 +32,7 @@ from side_train.recipe import (
     side_config_for,
     train_config_for,
 )
-from side_train.train import config_dict, train
+from side_train.train import config_dict, train, uses_bf16
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -79,7 +79,7 @@ def prepare_run_dir(run_dir: Path, identity: dict, overwrite: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file; choose a folder")
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        stored = json.loads(config_path.read_text()).get("identity") if config_path.is_file() else None
+        stored = stored_identity(config_path)
         finished = (run_dir / "summary.json").is_file()
         if overwrite:
             shutil.rmtree(run_dir)
@@ -91,6 +91,23 @@ def prepare_run_dir(run_dir: Path, identity: dict, overwrite: bool) -> None:
         elif finished:
             raise UserError(f"--out {run_dir} already holds this finished run (see summary.json); pass --overwrite to redo it")
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+# settings added after run folders existed, with the value a folder written before had
+LATER_SETTINGS = {"train": {"precision": "auto"}}
+
+
+def stored_identity(config_path: Path) -> dict | None:
+    """A run folder's identity from its config.json (None without one), with settings added
+    since it was written filled in at their earlier value, so older runs still resume."""
+    if not config_path.is_file():
+        return None
+    stored = json.loads(config_path.read_text()).get("identity")
+    for section, settings in LATER_SETTINGS.items():
+        if isinstance(stored, dict) and isinstance(stored.get(section), dict):
+            for key, value in settings.items():
+                stored[section].setdefault(key, value)
+    return stored
 
 
 def first_difference(stored: dict, wanted: dict, path: str = "") -> str:
@@ -115,6 +132,7 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError("the data has no train split; extract it with --splits train,...")
     side_cfg = side_config_for(sources.backbone, sources.spec, args)
     train_cfg = train_config_for(args, sources.spec)
+    uses_bf16(train_cfg.precision, device)  # refuse bf16 on a CPU without it before the run folder is made
     if args.eval_mode == "generate" and (sources.mode != "live" or side_cfg.family != "t5"):
         raise UserError("--eval generate needs a T5 backbone run live (add --live, or drop --eval generate)")
     run_dir = Path(args.out)

@@ -51,7 +51,7 @@ from side_train.recipe import (
     side_config_for,
     train_config_for,
 )
-from side_train.train import TrainConfig, TrainState, config_dict
+from side_train.train import TrainConfig, TrainState, config_dict, uses_bf16
 
 # run options a sweep fixes for all its configurations (the sweep's own flags or its data)
 FIXED_OPTIONS = {"cache", "out", "live", "overwrite", "quiet", "device", "model", "task", "data", "text_fields", "label_field",
@@ -236,6 +236,10 @@ def make_members(args: argparse.Namespace, rest: list[str], sources, configurati
         if member_args.eval_mode == "generate":
             raise UserError("--eval generate needs the live backbone; sweeps score candidates (drop --eval generate)")
         train_cfg = train_config_for(member_args, sources.spec)
+        try:
+            uses_bf16(train_cfg.precision, pick_device(args.device))
+        except UserError as err:
+            raise UserError(f"configuration {name}: {err}") from None
         identity = {"side": side_cfg.to_json(), "train": config_dict(train_cfg), "init": member_args.init, "model": info,
                     "task": task, "cache": str(Path(args.cache).resolve()), "mode": "cache"}
         members.append(Member(name, options, member_args, side_cfg, train_cfg, run_dir, identity))
@@ -245,7 +249,7 @@ def make_members(args: argparse.Namespace, rest: list[str], sources, configurati
 def prepare_member(member: Member, overwrite: bool) -> None:
     """Finished runs are kept; others get (or keep) their run folder, as side_train.run makes it."""
     config_path, summary_path = member.run_dir / "config.json", member.run_dir / "summary.json"
-    same = config_path.is_file() and json.loads(config_path.read_text()).get("identity") == member.identity
+    same = solo.stored_identity(config_path) == member.identity
     if same and summary_path.is_file() and not overwrite:
         member.finished = True
         return

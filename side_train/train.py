@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from shared.errors import UserError
 from shared.tasks import TaskSpec
 from side_train.checkpoint import load_checkpoint, save_checkpoint
 from side_train.data import Batch, epoch_batches, iter_batches
@@ -40,6 +41,7 @@ class TrainConfig:
     eval_mode: str = "candidates"  # or "generate" (T5, live backbone)
     save_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
     recompute: bool = False  # activation checkpointing of the side blocks (less memory, ~1 more side forward)
+    precision: str = "auto"  # side step: "bf16" (autocast), "fp32", or "auto" (bf16 on CUDA, fp32 elsewhere)
     quiet: bool = False
 
 
@@ -49,6 +51,26 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     remaining = max(total_steps - step, 0)
     return cfg.lr * remaining / max(total_steps - cfg.warmup_steps, 1)
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether the side step runs under bfloat16 autocast (`TrainConfig.precision` on `device`).
+
+    On a CPU bf16 pays only with bfloat16 instructions (AVX512-BF16 or AMX); without them it
+    is emulated and slower, so asking for it there is an error."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision != "bf16":
+        return precision == "auto" and device.type == "cuda"
+    if device.type == "cpu" and not cpu_has_bf16():
+        raise UserError("--precision bf16: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), "
+                        "so bf16 would be slower than float32; use --precision fp32")
+    return True
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (oneDNN's check: AVX512-BF16 or AMX)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
@@ -93,7 +115,7 @@ class TrainState:
         # the block-shuffled sampler's batch count can differ between epochs: count each one
         epochs_steps = sum(len(epoch_batches(lengths, cfg.batch_size, cfg.seed, e)) for e in range(cfg.epochs))
         self.total_steps = epochs_steps if cfg.max_steps is None else min(cfg.max_steps, epochs_steps)
-        self.autocast = device.type == "cuda"
+        self.autocast = uses_bf16(cfg.precision, device)
         self.checkpoint_dir = self.run_dir / "checkpoint"
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "train_seconds": 0.0}

@@ -136,7 +136,7 @@ def test_ladder_projection_with_dropout_matches_the_float_computation():
     weight = torch.randn(16, 64, requires_grad=True)
     bias = torch.randn(16, requires_grad=True)
     grad_out = torch.randn(4, 10, 16)
-    _LadderProjection.apply(states, keep, 1 / 0.9, weight, bias).backward(grad_out)
+    _LadderProjection.apply(states, keep, 1 / 0.9, weight, bias, torch.float32).backward(grad_out)
     ours = (weight.grad.clone(), bias.grad.clone())
     weight.grad = bias.grad = None
     reference = torch.nn.functional.linear(torch.where(keep, states.float() * (1 / 0.9), 0.0), weight, bias)
@@ -144,7 +144,7 @@ def test_ladder_projection_with_dropout_matches_the_float_computation():
     torch.testing.assert_close(ours[0], weight.grad, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(ours[1], bias.grad, rtol=0, atol=0)
     with torch.no_grad():
-        torch.testing.assert_close(_LadderProjection.apply(states, keep, 1 / 0.9, weight, bias), reference, rtol=0, atol=0)
+        torch.testing.assert_close(_LadderProjection.apply(states, keep, 1 / 0.9, weight, bias, torch.float32), reference, rtol=0, atol=0)
 
 
 def test_cpu_dropout_mask_has_the_rate_and_follows_torch_rng():
@@ -338,3 +338,77 @@ def test_missing_split_is_reported(tiny_t5, tmp_path):
             "--importance", "none", "--quiet")
     proc = run_cli("side_train.run", "--cache", str(cache), "--out", str(tmp_path / "r"), "--init", "magnitude", check=False)
     assert_one_line_error(proc, "no train split")
+
+
+needs_cpu_bf16 = pytest.mark.skipif(not __import__("side_train.train", fromlist=["x"]).cpu_has_bf16(),
+                                    reason="this CPU has no bfloat16 instructions (AVX512-BF16 or AMX)")
+
+
+@needs_cpu_bf16
+def test_bf16_side_step_on_a_cpu_tracks_float32():
+    """Under CPU autocast the ladders take the bf16 states as they are (no float32 copy), and
+    the loss and gradients follow the float32 step to bf16 accuracy."""
+    import side_train.model as model_module
+
+    side, batch = tiny_side_and_batch(dropout=0.1)
+    torch.nn.init.normal_(side.upsample.weight, std=0.1)
+    loss, grads, _ = loss_and_gradients(side, batch)
+    seen = []
+    original = model_module._dropped
+    model_module._dropped = lambda x, keep, scale: seen.append((x.dim(), x.shape[-1], x.dtype)) or original(x, keep, scale)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low, low_grads, _ = loss_and_gradients(side, batch)
+    finally:
+        model_module._dropped = original
+    ladder_inputs = {dtype for dim, width, dtype in seen if width == 64}  # backbone width: the embedding ladders
+    attention_maps = {dtype for dim, width, dtype in seen if dim == 4}
+    assert ladder_inputs == {torch.bfloat16} and attention_maps == {torch.bfloat16}  # no float32 copy of the states
+    assert abs(low.item() - loss.item()) < 0.02 * loss.item()
+    flat, low_flat = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in low_grads])
+    assert torch.nn.functional.cosine_similarity(flat, low_flat, dim=0) > 0.99
+    # the frozen LM head's bf16 copy is made once, not every step
+    first = side._lm_head_in(torch.bfloat16)
+    assert side._lm_head_in(torch.bfloat16) is first and torch.equal(first, side.lm_head.bfloat16())
+    assert side._lm_head_in(torch.float32) is side.lm_head
+
+
+@needs_cpu_bf16
+def test_precision_flag_trains_in_bf16_on_a_cpu(t5_cache, tmp_path):
+    from side_train.train import uses_bf16
+
+    cpu = torch.device("cpu")
+    assert not uses_bf16("auto", cpu) and not uses_bf16("fp32", cpu) and uses_bf16("bf16", cpu)
+    run(_args("--cache", str(t5_cache), "--out", str(tmp_path / "fp32"), "--max-steps", "4", "--init", "magnitude"))
+    summary = run(_args("--cache", str(t5_cache), "--out", str(tmp_path / "bf16"), "--max-steps", "4", "--init", "magnitude",
+                        "--precision", "bf16"))
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["identity"]["train"]["precision"] == "bf16"
+    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert len(a) == len(b) == 4 and a != b
+    np.testing.assert_allclose(b, a, rtol=0.05)
+    assert "accuracy" in summary["test_last"]
+
+
+def test_bf16_is_refused_on_a_cpu_without_it(t5_cache, tmp_path, monkeypatch):
+    import side_train.train as train_module
+
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
+    with pytest.raises(Exception, match="no bfloat16 instructions") as err:
+        run(_args("--cache", str(t5_cache), "--out", str(tmp_path / "r"), "--max-steps", "1", "--precision", "bf16"))
+    assert "use --precision fp32" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "r").exists()  # refused before the run folder was made
+    assert train_module.uses_bf16("auto", torch.device("cpu")) is False
+
+
+def test_run_folder_from_before_the_precision_setting_is_still_the_same_run(t5_cache, tmp_path):
+    out = tmp_path / "r"
+    run_cli("side_train.run", "--cache", str(t5_cache), "--out", str(out), "--max-steps", "1", "--quiet")
+    config = json.loads((out / "config.json").read_text())
+    assert config["identity"]["train"].pop("precision") == "auto"  # as a folder written before the setting existed
+    (out / "config.json").write_text(json.dumps(config))
+    again = run_cli("side_train.run", "--cache", str(t5_cache), "--out", str(out), "--max-steps", "1", "--quiet", check=False)
+    assert_one_line_error(again, "already holds this finished run")  # recognised, not "a different run"
+    other = run_cli("side_train.run", "--cache", str(t5_cache), "--out", str(out), "--max-steps", "1", "--quiet",
+                    "--precision", "fp32", check=False)
+    assert_one_line_error(other, "its train.precision is auto, the flags give fp32")
