@@ -40,6 +40,9 @@ from shared.cache_format import (
 from shared.errors import UserError, cli_entry
 from shared.tasks import SPLITS, load_task
 
+DEFAULT_CHUNK_MIB = 1.0  # 2.0 before 2026-11-27 (issue 4): smaller chunks waste less decoding at block edges
+DEFAULT_SHARD_MIB = 256.0
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m backbone_cache.extract", description=__doc__.split("\n")[0])
@@ -59,8 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="keep the first N examples of each split")
     p.add_argument("--layers", default="all", help="states kept per stack: 'all' or indices, 0 = embeddings")
     p.add_argument("--codec", default="zstd1", choices=CODECS, help="compression of hidden states")
-    p.add_argument("--chunk-mib", type=float, default=1.0, help="target inner chunk size (read unit)")
-    p.add_argument("--shard-mib", type=float, default=256.0, help="target shard size (write unit, one file)")
+    p.add_argument("--chunk-mib", type=float, default=None,
+                   help=f"target inner chunk size, the read unit (default {DEFAULT_CHUNK_MIB:g}, or what a cache at --out has)")
+    p.add_argument("--shard-mib", type=float, default=None,
+                   help=f"target shard size, the write unit, one file (default {DEFAULT_SHARD_MIB:g}, or what a cache at --out has)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp8", "int8"],
                    help="stored precision: bf16 bits, fp8 e4m3 with per-token scales, or int8 with outlier channels in bf16")
     p.add_argument("--outlier-channels", type=int, default=4, help="int8: channels per layer kept in bf16")
@@ -77,7 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError(f"--limit must be positive, got {args.limit}")
     if args.precision == "int8" and args.outlier_channels <= 0:
         raise UserError(f"--outlier-channels must be positive for int8, got {args.outlier_channels}")
-    if args.chunk_mib <= 0 or args.shard_mib < args.chunk_mib:
+    chunk_mib = DEFAULT_CHUNK_MIB if args.chunk_mib is None else args.chunk_mib
+    shard_mib = DEFAULT_SHARD_MIB if args.shard_mib is None else args.shard_mib
+    if chunk_mib <= 0 or shard_mib < chunk_mib:
         raise UserError("--chunk-mib must be positive and --shard-mib at least --chunk-mib")
     return args
 
@@ -102,6 +109,21 @@ def parse_layers(text: str, available: int) -> list[int]:
     if not layers or layers[0] < 0 or layers[-1] >= available:
         raise UserError(f"--layers {text!r} is out of range; the backbone has states 0..{available - 1}")
     return layers
+
+
+def existing_geometry(out: Path, default: dict) -> dict:
+    """The (chunk, shard) tokens per stack of a readable cache at `out` with the same stacks and
+    layers per stack; `default` otherwise (no cache there, another model, a damaged manifest)."""
+    try:
+        manifest = read_manifest(out) if (out / MANIFEST).is_file() else None
+    except UserError:
+        manifest = None
+    if manifest is None or not manifest.get("splits"):
+        return default
+    stacks = next(iter(manifest["splits"].values()))["stacks"]
+    if set(stacks) != set(default):
+        return default
+    return {stack: (int(stacks[stack]["chunk_tokens"]), int(stacks[stack]["shard_tokens"])) for stack in default}
 
 
 def plan_fingerprint(identity: dict) -> str:
@@ -144,9 +166,14 @@ class Extraction:
                 split, examples, self.spec, self.backbone, args.max_length, args.max_target_length, args.batch_size, candidates
             )
         self.geometry = {
-            stack: stack_geometry(len(layers), self.info.d_model, args.chunk_mib, args.shard_mib)
+            stack: stack_geometry(len(layers), self.info.d_model,
+                                  DEFAULT_CHUNK_MIB if args.chunk_mib is None else args.chunk_mib,
+                                  DEFAULT_SHARD_MIB if args.shard_mib is None else args.shard_mib)
             for stack, layers in self.layers.items()
         }
+        if args.chunk_mib is None and args.shard_mib is None:
+            # same command, same cache: a cache at --out made with an earlier default keeps its geometry
+            self.geometry = existing_geometry(Path(args.out), self.geometry)
 
     # --- manifest -------------------------------------------------------------------------
 

@@ -177,12 +177,13 @@ class Dropout(nn.Module):
 
 
 class _LadderProjection(torch.autograd.Function):
-    """`linear(dropout(states.to(weight.dtype)), weight, bias)` that saves `states` as given.
+    """`linear(dropout(states.to(dtype)), weight, bias)` that saves `states` as given.
 
     A ladder's input is a bfloat16 view of the batch, already in memory. nn.Linear would save
     its float32 copy for the weight gradient (twice the batch's bytes per ladder); this saves
     the view (and a bool dropout mask, if any) and rebuilds the input in backward with the
-    same operations. Same forward, same gradient arithmetic.
+    same operations. `dtype` is the weight's (float32: the same arithmetic as nn.Linear) or,
+    under autocast, bfloat16 (the states enter as they are; dropout is then applied in bf16).
     """
 
     @staticmethod
@@ -455,8 +456,9 @@ class LadderSideNetwork(nn.Module):
         """The frozen LM head in `dtype`. On a CPU a bfloat16 copy is kept (casting the [V, D]
         matrix took ~10 ms a step); on a GPU the cast is cheap and would only hold memory."""
         if dtype == self.lm_head.dtype or self.lm_head.device.type != "cpu":
+            self._head_copy = (None, None)
             return self.lm_head.to(dtype)
-        key = (dtype, self.lm_head.data_ptr())
+        key = (dtype, self.lm_head.data_ptr(), self.lm_head._version)  # _version: changed in place
         if getattr(self, "_head_copy", (None,))[0] != key:
             self._head_copy = (key, self.lm_head.to(dtype))
         return self._head_copy[1]

@@ -318,8 +318,10 @@ def default_budget(device: torch.device) -> int | None:
     return None
 
 
-def estimate_memory(members: list[Member], train_source, lm_head: torch.Tensor | None) -> None:
-    """Set each member's resident_bytes and step_bytes (float32: an upper bound under bf16 autocast).
+def estimate_memory(members: list[Member], train_source, lm_head: torch.Tensor | None,
+                    device: torch.device | None = None) -> None:
+    """Set each member's resident_bytes and step_bytes (float32: an upper bound under bf16 autocast,
+    plus, for bf16 on a CPU, the bf16 copy of the LM head each network keeps).
 
     Parameters, buffers, gradients and AdamW's two moments are counted exactly; the batch
     and what autograd saves (side_train.memory) are measured in one forward on the two
@@ -345,6 +347,8 @@ def estimate_memory(members: list[Member], train_source, lm_head: torch.Tensor |
                                probe.gradient_bytes + int((probe.saved_bytes + probe.recompute_bytes + probe.input_bytes) * scale))
                 del model, batch, counter
         m.resident_bytes, m.step_bytes = probes[key]
+        if lm_head is not None and device is not None and device.type == "cpu" and uses_bf16(m.train_cfg.precision, device):
+            m.resident_bytes += lm_head.numel() * 2  # LadderSideNetwork._lm_head_in keeps it on a CPU
 
 
 def pass_bytes(members: list[Member]) -> int:
@@ -480,7 +484,7 @@ def sweep(args: argparse.Namespace, rest: list[str]) -> list[dict]:
             dec = layer_index(union.decoder_layers, m.side_cfg.decoder_layers) if union.decoder_layers else None
             m.views = {split: LayerView(source, enc, dec) for split, source in data.items()}
         lm_head = sources.backbone.lm_head()[0].detach().float().cpu() if union.family == "t5" else None
-        estimate_memory(todo, data["train"], lm_head)
+        estimate_memory(todo, data["train"], lm_head, device)
         budget = args.memory_budget_bytes or default_budget(device)
         scores = {init: importance_scores(sources, init, args.cache, base.fisher_samples)
                   for init in sorted({m.args.init for m in todo})}

@@ -237,6 +237,14 @@ def test_complete_cache_is_never_overwritten_silently(tiny_t5, t5_cache):
     assert "already complete" in same.stderr
     other = run_cli("backbone_cache.extract", "--out", str(t5_cache), "--limit", "5", "--quiet", check=False)
     assert_one_line_error(other, "already holds a cache", "--overwrite")
+    # without --chunk-mib / --shard-mib the cache's own geometry is the default: a cache made
+    # under another default (2 MiB chunks before 2026-11-27) is still this command's cache
+    flags = [a for a in T5_EXTRACT_ARGS if a not in ("--chunk-mib", "0.01", "--shard-mib", "0.04")]
+    default_geometry = run_cli("backbone_cache.extract", "--model", str(tiny_t5), "--out", str(t5_cache), *flags)
+    assert "already complete" in default_geometry.stderr
+    other_geometry = run_cli("backbone_cache.extract", "--model", str(tiny_t5), "--out", str(t5_cache), *flags,
+                             "--chunk-mib", "0.02", check=False)
+    assert_one_line_error(other_geometry, "already holds a cache", "--overwrite")
     assert _tree_digest(t5_cache) == before
 
 

@@ -370,6 +370,8 @@ def test_bf16_side_step_on_a_cpu_tracks_float32():
     # the frozen LM head's bf16 copy is made once, not every step
     first = side._lm_head_in(torch.bfloat16)
     assert side._lm_head_in(torch.bfloat16) is first and torch.equal(first, side.lm_head.bfloat16())
+    side.lm_head.mul_(2)  # changed in place: the copy follows
+    assert torch.equal(side._lm_head_in(torch.bfloat16), side.lm_head.bfloat16())
     assert side._lm_head_in(torch.float32) is side.lm_head
 
 
