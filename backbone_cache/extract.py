@@ -82,8 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError(f"--limit must be positive, got {args.limit}")
     if args.precision == "int8" and args.outlier_channels <= 0:
         raise UserError(f"--outlier-channels must be positive for int8, got {args.outlier_channels}")
-    chunk_mib = DEFAULT_CHUNK_MIB if args.chunk_mib is None else args.chunk_mib
-    shard_mib = DEFAULT_SHARD_MIB if args.shard_mib is None else args.shard_mib
+    chunk_mib, shard_mib = geometry_mib(args)
     if chunk_mib <= 0 or shard_mib < chunk_mib:
         raise UserError("--chunk-mib must be positive and --shard-mib at least --chunk-mib")
     return args
@@ -111,9 +110,16 @@ def parse_layers(text: str, available: int) -> list[int]:
     return layers
 
 
+def geometry_mib(args: argparse.Namespace) -> tuple[float, float]:
+    """--chunk-mib and --shard-mib, defaults filled in (the flags stay None when not given)."""
+    return (DEFAULT_CHUNK_MIB if args.chunk_mib is None else args.chunk_mib,
+            DEFAULT_SHARD_MIB if args.shard_mib is None else args.shard_mib)
+
+
 def existing_geometry(out: Path, default: dict) -> dict:
-    """The (chunk, shard) tokens per stack of a readable cache at `out` with the same stacks and
-    layers per stack; `default` otherwise (no cache there, another model, a damaged manifest)."""
+    """The (chunk, shard) tokens per stack of a readable cache at `out` with the same stacks;
+    `default` otherwise (no cache there, another model family, a damaged manifest). Any other
+    difference is still caught by the plan fingerprint."""
     try:
         manifest = read_manifest(out) if (out / MANIFEST).is_file() else None
     except UserError:
@@ -165,13 +171,9 @@ class Extraction:
             self.plans[split] = plan_split(
                 split, examples, self.spec, self.backbone, args.max_length, args.max_target_length, args.batch_size, candidates
             )
-        self.geometry = {
-            stack: stack_geometry(len(layers), self.info.d_model,
-                                  DEFAULT_CHUNK_MIB if args.chunk_mib is None else args.chunk_mib,
-                                  DEFAULT_SHARD_MIB if args.shard_mib is None else args.shard_mib)
-            for stack, layers in self.layers.items()
-        }
-        if args.chunk_mib is None and args.shard_mib is None:
+        self.geometry = {stack: stack_geometry(len(layers), self.info.d_model, *geometry_mib(args))
+                         for stack, layers in self.layers.items()}
+        if args.chunk_mib is None and args.shard_mib is None and not args.overwrite:
             # same command, same cache: a cache at --out made with an earlier default keeps its geometry
             self.geometry = existing_geometry(Path(args.out), self.geometry)
 

@@ -411,6 +411,7 @@ class LadderSideNetwork(nn.Module):
             if lm_head is None:
                 raise ValueError("a T5 side network needs the backbone's LM head")
             self.register_buffer("lm_head", lm_head.detach().clone(), persistent=False)
+            self._head_copy = (None, None)  # (key, tensor): the head's bf16 copy on a CPU (_lm_head_in)
         else:
             self.head_drop = Dropout(cfg.dropout)
             self.head = nn.Linear(cfg.backbone_d, cfg.num_labels)
@@ -459,7 +460,7 @@ class LadderSideNetwork(nn.Module):
             self._head_copy = (None, None)
             return self.lm_head.to(dtype)
         key = (dtype, self.lm_head.data_ptr(), self.lm_head._version)  # _version: changed in place
-        if getattr(self, "_head_copy", (None,))[0] != key:
+        if self._head_copy[0] != key:
             self._head_copy = (key, self.lm_head.to(dtype))
         return self._head_copy[1]
 

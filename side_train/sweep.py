@@ -208,6 +208,7 @@ def make_members(args: argparse.Namespace, rest: list[str], sources, configurati
     known = set(vars(parse_shared(args, rest)))
     info, task = sources.backbone.info().to_json(), sources.spec.to_json()
     members, names = [], set()
+    device = pick_device(args.device)
     for overrides in configurations:
         name = member_name(overrides)
         options = {k: v for k, v in overrides.items() if k != "name"}
@@ -237,7 +238,7 @@ def make_members(args: argparse.Namespace, rest: list[str], sources, configurati
             raise UserError("--eval generate needs the live backbone; sweeps score candidates (drop --eval generate)")
         train_cfg = train_config_for(member_args, sources.spec)
         try:
-            uses_bf16(train_cfg.precision, pick_device(args.device))
+            uses_bf16(train_cfg.precision, device)
         except UserError as err:
             raise UserError(f"configuration {name}: {err}") from None
         identity = {"side": side_cfg.to_json(), "train": config_dict(train_cfg), "init": member_args.init, "model": info,
