@@ -128,8 +128,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        """Normalised in float32, returned in the dtype the next products take: x's, or under
+        autocast its dtype (one rounding; the q, k and v products then need no casts of their own)."""
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight).to(compute_dtype(x.device, x.dtype))
 
 
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -375,6 +375,25 @@ def test_bf16_side_step_on_a_cpu_tracks_float32():
     assert side._lm_head_in(torch.float32) is side.lm_head
 
 
+def test_rms_norm_rounds_once_to_the_dtype_the_products_take():
+    """float32: T5's formula bit for bit; under autocast (any input dtype) the float32 result
+    rounded once to bf16, so the q, k and v products do not each cast their input."""
+    from side_train.model import RMSNorm
+
+    norm = RMSNorm(16, 1e-6)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 5, 16) * 4
+    reference = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert norm(x).dtype == torch.float32 and torch.equal(norm(x), reference)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for given in (x, x.bfloat16()):
+            out = norm(given)
+            assert out.dtype == torch.bfloat16
+            x32 = given.float()
+            expected = (norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6))).bfloat16()
+            assert torch.equal(out, expected)
+
+
 @needs_cpu_bf16
 def test_precision_flag_trains_in_bf16_on_a_cpu(t5_cache, tmp_path):
     from side_train.train import uses_bf16
