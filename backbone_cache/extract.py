@@ -257,8 +257,8 @@ class Extraction:
                 existing = read_manifest(out)
             except UserError:
                 existing = None
-            if existing is not None and existing.get("plan_fingerprint") == fingerprint:
-                return out, existing, False
+            if existing is not None and existing.get("plan_fingerprint") == fingerprint and not self.args.overwrite:
+                return out, existing, False  # the same cache: resume it, or nothing to do if it is complete
             if not self.args.overwrite:
                 if existing is None:
                     raise UserError(f"--out {out} holds an unreadable or old-format cache; pass --overwrite to replace it")
@@ -338,8 +338,9 @@ class Extraction:
             k = self.args.outlier_channels
             group.create_array("outliers", shape=(tokens, layers, k), chunks=(chunk, 1, k), shards=(shard, layers, k),
                                dtype="uint16", compressors=compressors(self.args.codec), fill_value=0)
+            # every chunk is written, even one of all zeros (k = 1, channel 0), so a missing file means damage
             group.create_array("outlier_index", shape=(max(1, -(-tokens // shard)), layers, k), chunks=(1, layers, k),
-                               dtype="int32", fill_value=0)
+                               dtype="int32", fill_value=0, config={"write_empty_chunks": True})
 
     def shard_encoder(self, group):
         """The function the writer applies to each finished shard (None for bf16)."""

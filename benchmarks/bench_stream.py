@@ -8,7 +8,10 @@
 4. the arithmetic behind 2: FLOPs of the live backbone per batch and of one side step;
 5. with --bf16: 1 and 2 again with the side step in bf16 autocast (`--precision bf16`).
 
+With --codecs A,B,...: only 1 and 3, once per extraction codec (a cache each), rounds interleaved.
+
     python benchmarks/bench_stream.py --examples 600 --work /tmp/bench_stream
+    python benchmarks/bench_stream.py --examples 2000 --work /tmp/bench_stream --codecs zstd1,blosc-lz4 --bf16
 """
 
 from __future__ import annotations
@@ -94,6 +97,40 @@ def arithmetic(cache: Path, batches: int = 3) -> dict:
             "ideal_live_over_cached": 1 + backbone_flops / side_flops}
 
 
+def disk_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def codec_comparison(args: argparse.Namespace, model: Path, data: list[str]) -> dict:
+    """The I/O overhead (disk with a reader thread / RAM) and the reader's throughput for one
+    cache per codec, the epochs interleaved round by round."""
+    codecs = [c for c in args.codecs.split(",") if c]
+    work = Path(args.work)
+    precision = ["--precision", "bf16"] if args.bf16 else []
+    results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+               "load_before": os.getloadavg(), "examples": args.examples, "pack": args.pack, "shape": args.shape,
+               "side_step": "bf16" if args.bf16 else "float32", "rounds": args.rounds}
+    caches = {}
+    for codec in codecs:
+        caches[codec] = work / f"cache-{codec}"
+        sh("backbone_cache.extract", "--model", str(model), "--out", str(caches[codec]), "--limit", str(args.examples),
+           "--splits", "train,validation", "--importance", "none", "--quiet", "--device", args.device, "--codec", codec, *data)
+        results[f"{codec}_train_hidden_bytes"] = disk_bytes(caches[codec] / "train" / "encoder" / "hidden")
+    for r in range(args.rounds):
+        results[f"ram_{r}"] = epoch_seconds(caches[codecs[0]], work / "ram", "--tier", "ram", *precision)
+        for codec in codecs:
+            results[f"{codec}_disk_thread_{r}"] = epoch_seconds(caches[codec], work / "disk0", "--tier", "disk",
+                                                                "--reader-workers", "0", *precision)
+    ram = min(results[f"ram_{r}"] for r in range(args.rounds))
+    for codec in codecs:
+        throughput = reader_throughput(caches[codec], work)
+        results.update({f"{codec}_{k}": v for k, v in throughput.items()})
+        disk = min(results[f"{codec}_disk_thread_{r}"] for r in range(args.rounds))
+        results[f"{codec}_ratio_disk_thread_over_ram"] = disk / ram
+    results["load_after"] = os.getloadavg()
+    return results
+
+
 def packed_data(work: Path, pack: int) -> list[str]:
     """Local jsonl files whose examples are `pack` consecutive snippets joined (label of the first)."""
     from shared.tasks import load_default
@@ -122,6 +159,9 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="t5-base", help="random-weight backbone of this model's shape")
     p.add_argument("--drop-layers", type=int, default=3, help="side layers dropped per stack")
     p.add_argument("--device", default="cpu", help="cpu or cuda (adds a GPU-tier round)")
+    p.add_argument("--codecs", default=None,
+                   help="comma-separated codecs: compare the I/O overhead and reader throughput of one cache per codec (no live epochs)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --codecs")
     p.add_argument("--bf16", action="store_true",
                    help="add RAM, disk (thread) and live rounds with the side step in bf16 (--precision bf16)")
     args = p.parse_args()
@@ -137,6 +177,9 @@ def main() -> None:
     t0 = time.perf_counter()
     codec = ["--codec", args.codec] if args.codec else []
     data = packed_data(work, args.pack) if args.pack > 1 else []
+    if args.codecs:
+        print(json.dumps(codec_comparison(args, model, data), indent=1))
+        return
     sh("backbone_cache.extract", "--model", str(model), "--out", str(cache), "--limit", str(args.examples),
        "--splits", "train,validation", "--importance", "none", "--quiet", "--device", args.device, *codec, *data)
     extract_s = time.perf_counter() - t0

@@ -9,7 +9,7 @@ the chunks itself; over a training epoch's pool reads it takes about 30% less CP
 zarr-python (`benchmarks/bench_reader.py`).
 
     <array>/zarr.json       sharding_indexed, index at the end
-    <array>/c/<i>/<j>/<k>   inner chunks [bytes(little) -> zstd (optional) -> crc32c],
+    <array>/c/<i>/<j>/<k>   inner chunks [bytes(little) -> zstd or blosc (optional) -> crc32c],
                             then the index: uint64 (offset, nbytes) per inner chunk + CRC32C
 
 `ShardedArrayReader.open` returns None for any other layout (another codec, index at the
@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 
 import google_crc32c
+import numcodecs.blosc
 import numpy as np
 from numcodecs import Zstd
 
@@ -45,7 +46,8 @@ class ShardedArrayReader:
         self.shard_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
         sharding = meta["codecs"][0]["configuration"]
         self.chunk_shape = tuple(sharding["chunk_shape"])
-        self._zstd = Zstd() if any(c["name"] == "zstd" for c in sharding["codecs"]) else None
+        names = {c["name"] for c in sharding["codecs"]}
+        self._decompress = Zstd().decode if "zstd" in names else _blosc_decompress if "blosc" in names else None
         self.chunks_per_shard = tuple(s // c for s, c in zip(self.shard_shape, self.chunk_shape, strict=True))
         self.separator = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
         self._indexes: dict[tuple[int, int], tuple[Path, int, np.ndarray] | None] = {}
@@ -119,7 +121,7 @@ class ShardedArrayReader:
         payload, stored = view[:-4], int.from_bytes(view[-4:].tobytes(), "little")
         if google_crc32c.value(payload) != stored:
             raise ShardChecksumError(f"shard {where}: a chunk does not match its checksum")
-        raw = self._zstd.decode(payload) if self._zstd is not None else payload
+        raw = self._decompress(payload) if self._decompress is not None else payload
         chunk = np.frombuffer(raw, dtype=self.dtype)
         if chunk.size != int(np.prod(self.chunk_shape)):
             raise ShardChecksumError(f"shard {where}: a chunk decodes to {chunk.size} values, not {np.prod(self.chunk_shape)}")
@@ -149,6 +151,13 @@ class ShardedArrayReader:
         return self._indexes[key]
 
 
+def _blosc_decompress(payload: np.ndarray) -> bytes:
+    """A blosc frame (self-describing: compressor, shuffle, type size) decoded on the calling
+    thread: the reader's CPU competes with the training step, so blosc's own threads stay off."""
+    numcodecs.blosc.use_threads = False
+    return numcodecs.blosc.decompress(payload)
+
+
 def _supported(meta: dict) -> bool:
     """Whether an array's zarr.json has the layout this reader decodes."""
     if meta.get("zarr_format") != 3 or meta.get("node_type") != "array" or len(meta.get("shape", [])) != 3:
@@ -162,7 +171,7 @@ def _supported(meta: dict) -> bool:
         return False
     config = codec["configuration"]
     inner = [c["name"] for c in config["codecs"]]
-    if inner not in (["bytes", "crc32c"], ["bytes", "zstd", "crc32c"]):
+    if inner not in (["bytes", "crc32c"], ["bytes", "zstd", "crc32c"], ["bytes", "blosc", "crc32c"]):
         return False
     if config["codecs"][0].get("configuration", {}).get("endian", "little") != "little":
         return False

@@ -37,14 +37,15 @@ class Predictor:
         config_path = run_dir / "config.json"
         if not config_path.is_file():
             raise UserError(f"{run_dir} is not a run folder (no config.json); pass the --out of side_train.run")
-        identity = json.loads(config_path.read_text())["identity"]
-        argv = json.loads(config_path.read_text()).get("argv", {})
+        config = json.loads(config_path.read_text())
+        identity = config["identity"]
+        inputs = config.get("inputs") or _input_lengths_of_older_runs(identity, config.get("argv", {}))
         name = identity["model"]["name"]
         backbone = load_backbone(name, pick_device(device), revision=identity["model"].get("revision"))
         lm_head = backbone.lm_head()[0].detach().float().cpu() if backbone.family == "t5" else None
         model = LadderSideNetwork.from_pretrained(run_dir / ("best_side_model" if best else "side_model"), lm_head)
         return cls(model.to(backbone.device).eval(), backbone, TaskSpec.from_json(identity["task"]),
-                   int(argv.get("max_length", 128)), int(argv.get("max_target_length", 128)))
+                   int(inputs.get("max_length", 128)), int(inputs.get("max_target_length", 128)))
 
     def predict_texts(self, texts: list[list[str]]) -> list[str]:
         """Label names (or regression values as strings) for raw inputs, one list of fields per example."""
@@ -69,6 +70,18 @@ class Predictor:
         if self.spec.label_kind == "regression":
             return f"{value:.3f}"
         return self.spec.label_names[int(value)] if value >= 0 else "<invalid>"
+
+
+def _input_lengths_of_older_runs(identity: dict, argv: dict) -> dict:
+    """Run folders written before config.json recorded `inputs`: a cached run's lengths are its
+    cache's (when it is still there), a live run's its flags."""
+    cache = identity.get("cache")
+    if cache and (Path(cache) / "manifest.json").is_file():
+        try:
+            return json.loads((Path(cache) / "manifest.json").read_text())
+        except ValueError:
+            pass
+    return argv
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

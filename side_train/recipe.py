@@ -66,7 +66,7 @@ def add_side_arguments(p: argparse.ArgumentParser) -> None:
                         "attention kernels run and makes the side step much cheaper at long lengths")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="side step arithmetic: bf16 autocast or fp32 (auto: bf16 on CUDA, fp32 on a CPU; "
-                        "bf16 on a CPU with AVX512-BF16 or AMX: epochs about 1.4x faster)")
+                        "bf16 on a CPU with AVX512-BF16 or AMX: epochs 1.3-1.45x faster)")
     g.add_argument("--recompute", action="store_true",
                    help="activation checkpointing of the side blocks: far less activation memory for about one more side forward")
     g.add_argument("--pooling", default="mean", choices=["mean", "cls"], help="encoder family: pooling before the head")

@@ -1,6 +1,6 @@
 """`python -m side_train.run`: train a ladder side network from a cache, or on the fly.
 
-    python -m side_train.run --cache ./cache --out runs/lst        # stream cached states
+    python -m side_train.run --cache ./cache --out runs/lst        # from cached states (RAM, GPU or disk tier)
     python -m side_train.run --cache ./cache --live --out runs/l   # same data, backbone live
     python -m side_train.run --model t5-base --task rte --out r    # live, no cache
 
@@ -146,7 +146,11 @@ def run(args: argparse.Namespace) -> dict:
     except PermissionError:
         raise UserError(f"cannot write to --out {run_dir}; choose a folder you can write to") from None
     if not (run_dir / "config.json").is_file():
-        (run_dir / "config.json").write_text(json.dumps({"identity": identity, "argv": vars(args)}, indent=1, default=str))
+        # the lengths the training inputs were cut at (a cache's own, else the flags): prediction cuts new texts the same way
+        lengths = sources.manifest if sources.manifest is not None else vars(args)
+        inputs = {k: lengths[k] for k in ("max_length", "max_target_length")}
+        (run_dir / "config.json").write_text(json.dumps({"identity": identity, "argv": vars(args), "inputs": inputs},
+                                                        indent=1, default=str))
 
     scores = importance_scores(sources, args.init, args.cache, args.fisher_samples)
     model = build_side_network(side_cfg, sources.backbone, args.init, scores, args.seed)

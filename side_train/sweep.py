@@ -222,7 +222,7 @@ def make_members(args: argparse.Namespace, rest: list[str], sources, configurati
         names.add(name)
         run_dir = Path(args.out) / "runs" / name
         argv = ["--cache", args.cache, "--out", str(run_dir), *rest, *(["--overwrite"] if args.overwrite else []),
-                "--device", args.device]  # never --quiet: it is part of a run's identity, and the sweep does the printing
+                "--device", args.device]  # no --quiet: members do not print (the sweep does); it is not part of the identity
         for key, value in options.items():
             argv += [f"--{key.replace('_', '-')}", value]
         try:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import T5_EXTRACT_ARGS, needs_minilm, run_cli
+from conftest import T5_EXTRACT_ARGS, assert_one_line_error, needs_minilm, run_cli
 
-from shared.cache_format import StackReader, read_manifest
+from shared.cache_format import StackReader, read_manifest, shard_path
 from shared.quantize import choose_outliers, decode_fp8, decode_int8, encode_fp8, encode_int8, relative_error
 
 
@@ -62,3 +62,18 @@ def test_quantized_cache_reads_back_as_the_quantized_bf16_states(t5_cache, tiny_
         assert ours.hidden.dtype == {"fp8": np.uint8, "int8": np.int8}[precision]
     run_cli("backbone_cache.verify", str(out), "--sample", "2", "--quiet")
     run_cli("side_train.run", "--cache", str(out), "--out", str(tmp_path / "run"), "--max-steps", "2", "--init", "magnitude", "--quiet")
+    # a lost file of the scales (or outlier channels) is damage, caught at open like a lost `hidden`
+    # shard (zarr would read zeros); rerunning the extraction with --overwrite rebuilds the cache
+    lost = ["scale"] + (["outliers", "outlier_index"] if precision == "int8" else [])
+    for name in lost:
+        path = shard_path(out, "train", "encoder", 1, name)
+        kept = path.read_bytes()
+        path.unlink()
+        assert_one_line_error(run_cli("backbone_cache.verify", str(out), "--quiet", check=False),
+                              f"missing shard 1 of train/encoder/{name}", "--overwrite")
+        path.write_bytes(kept)
+    shard_path(out, "train", "encoder", 1, "scale").unlink()
+    again = run_cli("backbone_cache.extract", "--model", str(tiny_t5), "--out", str(out), *T5_EXTRACT_ARGS,
+                    "--precision", precision, "--importance", "none", "--overwrite")
+    assert "already complete" not in again.stdout + again.stderr
+    run_cli("backbone_cache.verify", str(out), "--quiet")

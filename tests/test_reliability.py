@@ -61,8 +61,8 @@ def test_truncated_shard_is_caught(cache_copy, tmp_path):
 
 def test_missing_shard_is_caught_at_open(cache_copy, tmp_path):
     shard_path(cache_copy, "test", "encoder", 2).unlink()  # zarr alone would read zeros here
-    assert_one_line_error(run_cli("backbone_cache.verify", str(cache_copy), "--quiet", check=False), "missing shard 2 of test/encoder")
-    train_fails(cache_copy, tmp_path, "missing shard 2 of test/encoder")
+    assert_one_line_error(run_cli("backbone_cache.verify", str(cache_copy), "--quiet", check=False), "missing shard 2 of test/encoder/hidden")
+    train_fails(cache_copy, tmp_path, "missing shard 2 of test/encoder/hidden")
 
 
 def test_nan_in_the_cache_is_caught(cache_copy):

@@ -85,7 +85,7 @@ def same_weights(a: Path, b: Path) -> bool:
                                          ("drop_layers=0_seed=0", ["--drop-layers", "0", "--seed", "0"])])
 def test_sweep_member_matches_run_alone(cache, finished_sweep, tmp_path, name, flags):
     alone = tmp_path / "alone"
-    assert solo.main(["--cache", str(cache), "--out", str(alone), *SHARED, *flags]) == 0  # members are never --quiet (part of the identity)
+    assert solo.main(["--cache", str(cache), "--out", str(alone), *SHARED, *flags]) == 0
     member = finished_sweep / "runs" / name
     losses = [r["loss"] for r in records(alone / "metrics.jsonl") if r["type"] == "train"]
     assert len(losses) == 6 and len(set(losses)) > 1

@@ -1,0 +1,63 @@
+"""side_train.predict: a trained run labels new texts live, or a cached split, the same way."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import T5_EXTRACT_ARGS, assert_one_line_error, run_cli
+
+from side_train.predict import Predictor
+
+
+@pytest.fixture(scope="module")
+def short_run(tiny_t5, tmp_path_factory):
+    """A cache cut at 24 tokens (not the default 128) and a short run trained from it."""
+    root = tmp_path_factory.mktemp("predict")
+    cache, run = root / "cache", root / "run"
+    run_cli("backbone_cache.extract", "--model", str(tiny_t5), "--out", str(cache), *T5_EXTRACT_ARGS,
+            "--max-length", "24", "--importance", "none")
+    run_cli("side_train.run", "--cache", str(cache), "--out", str(run), "--max-steps", "3", "--init", "magnitude", "--quiet")
+    return cache, run
+
+
+def test_texts_are_cut_at_the_lengths_the_run_trained_on(short_run):
+    cache, run = short_run
+    config = json.loads((run / "config.json").read_text())
+    assert config["inputs"] == {"max_length": 24, "max_target_length": 128}
+    assert Predictor.from_run(run, "cpu").max_length == 24  # not side_train.run's own --max-length default
+    # a run folder from before `inputs` was recorded: the lengths come from its cache's manifest
+    del config["inputs"]
+    (run / "config.json").write_text(json.dumps(config))
+    try:
+        assert Predictor.from_run(run, "cpu").max_length == 24
+    finally:
+        config["inputs"] = {"max_length": 24, "max_target_length": 128}
+        (run / "config.json").write_text(json.dumps(config))
+
+
+def test_live_texts_get_the_labels_of_their_cached_states(short_run, tmp_path):
+    cache, run = short_run
+    cached = run_cli("side_train.predict", "--run", str(run), "--cache", str(cache), "--split", "validation",
+                     "--out", str(tmp_path / "cached.csv"))
+    assert "wrote 40 predictions" in cached.stdout
+    with open(tmp_path / "cached.csv", encoding="utf-8") as handle:
+        by_id = {row["example_id"]: row["prediction"] for row in csv.DictReader(handle)}
+    examples = pq.read_table(cache / "validation" / "examples.parquet").to_pylist()[:8]
+    live = Predictor.from_run(run, "cpu").predict_texts([row["texts"] for row in examples])
+    assert set(live) <= {"rotten", "fresh"} and len(live) == 8
+    # the backbone run live gives the cached states to within a bf16 rounding step: the same labels
+    agree = sum(label == by_id[row["example_id"]] for label, row in zip(live, examples, strict=True))
+    assert agree >= 7, (live, [by_id[row["example_id"]] for row in examples])
+    texts = run_cli("side_train.predict", "--run", str(run), "--text", examples[0]["texts"][0])
+    assert texts.stdout.strip().split("\t")[-1] == live[0]
+
+
+def test_bad_predict_input_is_one_line(short_run, tmp_path):
+    cache, run = short_run
+    assert_one_line_error(run_cli("side_train.predict", "--run", str(tmp_path / "nowhere"), "--text", "x", check=False),
+                          "not a run folder")
+    assert_one_line_error(run_cli("side_train.predict", "--run", str(run), check=False), "nothing to predict")
+    assert_one_line_error(run_cli("side_train.predict", "--run", str(run), "--text", "a ||| b", check=False), "text field")
