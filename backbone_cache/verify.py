@@ -26,7 +26,12 @@ def check_values(cache_dir: Path, manifest: dict, quiet: bool = False) -> int:
     """Read every chunk (verifying CRC32C) and reject NaN/Inf; return the bytes read."""
     total = sum(m["num_tokens"] * len(m["layers"]) * manifest["model"]["d_model"] * 2
                 for s in manifest["splits"].values() for m in s["stacks"].values())
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=quiet, dynamic_ncols=True)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=quiet, dynamic_ncols=True) as bar:
+        _check_values(cache_dir, manifest, bar)  # the bar is closed (its line ended) before any error is printed
+    return total
+
+
+def _check_values(cache_dir: Path, manifest: dict, bar: tqdm) -> None:
     for split, split_meta in manifest["splits"].items():
         for stack, meta in split_meta["stacks"].items():
             reader = StackReader(cache_dir, split, stack, meta)
@@ -37,8 +42,6 @@ def check_values(cache_dir: Path, manifest: dict, quiet: bool = False) -> int:
                     token = start + int(np.argwhere(bad)[0][0])
                     raise UserError(f"{split}/{stack} holds NaN or Inf at token {token}; the backbone overflowed or the cache is damaged")
                 bar.update(bits.nbytes)
-    bar.close()
-    return total
 
 
 def check_tables(cache_dir: Path, manifest: dict) -> None:

@@ -121,6 +121,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise UserError(f"--lr {item!r} must look like lora=1e-3 with a known method and a positive rate")
     if args.task == "synthetic" and args.train_steps:
         raise UserError("--task synthetic has random labels, so training it measures nothing; use a real task with --train-steps")
+    if args.cache and not args.train_steps:
+        raise UserError("--cache is read only to train LST-cached (--train-steps N); add --train-steps or drop --cache")
     if args.memory_on == "meta" and args.task != "synthetic":
         raise UserError("--memory-on meta needs unpadded batches; use it with --task synthetic (or use --memory-on device)")
     return args

@@ -43,7 +43,12 @@ class Predictor:
         name = identity["model"]["name"]
         backbone = load_backbone(name, pick_device(device), revision=identity["model"].get("revision"))
         lm_head = backbone.lm_head()[0].detach().float().cpu() if backbone.family == "t5" else None
-        model = LadderSideNetwork.from_pretrained(run_dir / ("best_side_model" if best else "side_model"), lm_head)
+        weights = run_dir / ("best_side_model" if best else "side_model")
+        if not (weights / "model.safetensors").is_file():
+            hint = "it has no validation split, or rerun its side_train.run command to finish it" if best else \
+                "the run has not finished: rerun its side_train.run command to finish it, or pass --best"
+            raise UserError(f"{weights} holds no side network; {hint}")
+        model = LadderSideNetwork.from_pretrained(weights, lm_head)
         return cls(model.to(backbone.device).eval(), backbone, TaskSpec.from_json(identity["task"]),
                    int(inputs.get("max_length", 128)), int(inputs.get("max_target_length", 128)))
 
@@ -92,6 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", default=None, help="predict a cached split instead (no backbone forward)")
     p.add_argument("--split", default="test", help="with --cache: the split")
     p.add_argument("--out", default=None, help="write a CSV of predictions here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
 
@@ -101,12 +107,22 @@ def main(argv: list[str] | None = None) -> int:
     from shared.cache_format import open_complete
 
     args = parse_args(argv)
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir() or not out.parent.is_dir():
+            raise UserError(f"--out {out} must be a file in an existing folder")
+        if out.exists() and not args.overwrite:
+            raise UserError(f"--out {out} exists; choose another file or pass --overwrite to replace it")
     predictor = Predictor.from_run(Path(args.run), args.device, args.best)
     rows: list[dict] = []
     if args.cache:
         manifest = open_complete(Path(args.cache))
         if manifest["model"]["config_fingerprint"] != predictor.backbone.info().config_fingerprint:
             raise UserError(f"cache {args.cache} was built from another model than run {args.run}")
+        labels = lambda task: (task["name"], task["label_kind"], task["label_names"])  # noqa: E731
+        if labels(manifest["task"]) != labels(predictor.spec.to_json()):
+            raise UserError(f"cache {args.cache} holds task {manifest['task']['name']!r}, run {args.run} was trained on "
+                            f"{predictor.spec.name!r}; predict from a cache of the run's task")
         cfg = predictor.model.cfg
         source = CachedSplit(Path(args.cache), manifest, args.split, cfg.encoder_layers, cfg.decoder_layers)
         values = predict(predictor.model, source, predictor.spec, predictor.backbone.device, 100)

@@ -180,15 +180,20 @@ def parse_side_layers(text: str | None) -> list[int] | None:
     if not text:
         return None
     try:
-        return sorted({int(x) for x in text.split(",") if x.strip()})
+        layers = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--side-layers {text!r} must be comma-separated integers") from None
+    if len(set(layers)) != len(layers):
+        raise UserError(f"--side-layers {text!r} names a layer twice; list each once")
+    return sorted(layers)
 
 
 def side_config_for(backbone: Backbone, spec: TaskSpec, args: argparse.Namespace) -> SideConfig:
     """Size the side network from the backbone's config and the flags."""
     c = backbone.config
     explicit = parse_side_layers(args.side_layers)
+    if explicit and args.drop_layers:
+        raise UserError("--side-layers and --drop-layers both choose the side layers; give one of them")
     if backbone.family == "t5":
         cfg = SideConfig(
             family="t5", backbone_d=c.d_model, backbone_d_ff=c.d_ff, backbone_d_kv=c.d_kv, num_heads=c.num_heads,

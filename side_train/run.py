@@ -29,6 +29,7 @@ from side_train.recipe import (
     importance_scores,
     materialize,
     open_sources,
+    parse_side_layers,
     side_config_for,
     train_config_for,
 )
@@ -48,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--warmup-steps", type=int, default=500)
     g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--clip", type=float, default=1.0)
+    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: no clipping)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eval", dest="eval_mode", default="candidates", choices=["candidates", "generate"],
                    help="T5: score the label set (no backbone) or greedy-generate (live backbone)")
@@ -64,8 +65,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.reader_workers is not None and args.reader_workers < 0:
         raise UserError(f"--reader-workers must be non-negative, got {args.reader_workers}")
-    if args.lr <= 0 or args.warmup_steps < 0 or args.save_every < 0 or not 0 <= args.dropout < 1:
-        raise UserError("--lr must be positive, --warmup-steps and --save-every non-negative, --dropout in [0, 1)")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    for name in ("warmup_steps", "save_every", "clip", "weight_decay"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    explicit = parse_side_layers(args.side_layers)  # checked here too: a bad list fails before any model is loaded
+    if explicit and args.drop_layers:
+        raise UserError("--side-layers and --drop-layers both choose the side layers; give one of them")
+    check_out_path(Path(args.out))
     if args.attention_dropout is not None and not 0 <= args.attention_dropout < 1:
         raise UserError(f"--attention-dropout must be in [0, 1), got {args.attention_dropout}")
     if args.live and not args.cache and args.model is None and args.task is None:
@@ -73,11 +83,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_out_path(run_dir: Path) -> None:
+    """--out and every folder above it that exists must be folders."""
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--out {run_dir}: {folder} is a file; choose a folder")
+
+
 def prepare_run_dir(run_dir: Path, identity: dict, overwrite: bool) -> None:
     """Refuse to clobber a finished or different run; allow resuming the same one."""
     config_path = run_dir / "config.json"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {run_dir} is a file; choose a folder")
+    check_out_path(run_dir)
     if run_dir.is_dir() and any(run_dir.iterdir()):
         stored = stored_identity(config_path)
         finished = (run_dir / "summary.json").is_file()
@@ -145,18 +161,19 @@ def run(args: argparse.Namespace) -> dict:
         (run_dir / "probe").unlink()
     except PermissionError:
         raise UserError(f"cannot write to --out {run_dir}; choose a folder you can write to") from None
-    if not (run_dir / "config.json").is_file():
-        # the lengths the training inputs were cut at (a cache's own, else the flags): prediction cuts new texts the same way
-        lengths = sources.manifest if sources.manifest is not None else vars(args)
-        inputs = {k: lengths[k] for k in ("max_length", "max_target_length")}
-        (run_dir / "config.json").write_text(json.dumps({"identity": identity, "argv": vars(args), "inputs": inputs},
-                                                        indent=1, default=str))
 
     scores = importance_scores(sources, args.init, args.cache, args.fisher_samples)
     model = build_side_network(side_cfg, sources.backbone, args.init, scores, args.seed)
     trainable, total = model.trainable_parameters(), backbone_parameters(sources.backbone)
     tier = choose_tier(sources.manifest, side_cfg, device, args.tier) if sources.mode == "cache" else "live"
     data = materialize(sources, side_cfg, args.cache, tier, args.reader_workers, device)
+    if not (run_dir / "config.json").is_file():
+        # written once every check has passed: a run refused above leaves no identity behind to block its corrected rerun.
+        # `inputs`: the lengths the training inputs were cut at (a cache's own, else the flags), for prediction
+        lengths = sources.manifest if sources.manifest is not None else vars(args)
+        inputs = {k: lengths[k] for k in ("max_length", "max_target_length")}
+        (run_dir / "config.json").write_text(json.dumps({"identity": identity, "argv": vars(args), "inputs": inputs},
+                                                        indent=1, default=str))
     if sources.mode == "cache":
         sources.backbone.model = None  # only the LM head (inside the side network) stays
     evals = {s: data[s] for s in ("validation", "test") if s in data}

@@ -18,10 +18,12 @@ A killed sweep, rerun with the same command, keeps finished runs and resumes the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import functools
 import gc
+import io
 import itertools
 import json
 import re
@@ -121,12 +123,21 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
+def parse_run_flags(argv: list[str], context: str) -> argparse.Namespace:
+    """side_train.run's parsing of `argv`; its argparse complaint becomes one line naming `context`."""
+    complaint = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(complaint):
+            return solo.parse_args(argv)
+    except SystemExit:
+        reason = complaint.getvalue().strip().splitlines()[-1:] or ["invalid flags"]
+        raise UserError(f"{context}: {reason[0].removeprefix('python -m side_train.run: error: ')}") from None
+
+
 def parse_shared(args: argparse.Namespace, rest: list[str]) -> argparse.Namespace:
     """The side_train.run flags every configuration shares, parsed and checked by side_train.run."""
-    try:
-        return solo.parse_args(["--cache", args.cache, "--out", "unused", *rest])
-    except SystemExit:
-        raise UserError(f"a shared flag among {' '.join(rest)} is not a side_train.run flag or has a bad value (see above)") from None
+    return parse_run_flags(["--cache", args.cache, "--out", "unused", *rest],
+                           "the shared flags (those that are not the sweep's own are side_train.run flags)")
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
@@ -213,6 +224,9 @@ def make_members(args: argparse.Namespace, rest: list[str], sources, configurati
         name = member_name(overrides)
         options = {k: v for k, v in overrides.items() if k != "name"}
         for key in options:
+            flag = f"--{key.replace('_', '-')}"
+            if any(given == flag or given.startswith(flag + "=") for given in rest):
+                raise UserError(f"configuration {name}: {key!r} is both in the grid and a shared flag ({flag}); give it in one place")
             if key not in known:
                 raise UserError(f"configuration {name}: {key!r} is not a side_train.run option (see python -m side_train.run --help)")
             if key in FIXED_OPTIONS:
@@ -226,12 +240,11 @@ def make_members(args: argparse.Namespace, rest: list[str], sources, configurati
         for key, value in options.items():
             argv += [f"--{key.replace('_', '-')}", value]
         try:
-            member_args = solo.parse_args(argv)
+            member_args = parse_run_flags(argv, f"configuration {name}")
             side_cfg = side_config_for(sources.backbone, sources.spec, member_args)
         except UserError as err:
-            raise UserError(f"configuration {name}: {err}") from None
-        except SystemExit:
-            raise UserError(f"configuration {name}: a value in {options} is not valid (see the message above)") from None
+            message = str(err)
+            raise UserError(message if message.startswith("configuration ") else f"configuration {name}: {message}") from None
         if member_args.live:
             raise UserError("a sweep trains from the cache only; drop --live")
         if member_args.eval_mode == "generate":
@@ -247,7 +260,18 @@ def make_members(args: argparse.Namespace, rest: list[str], sources, configurati
     return members
 
 
-def prepare_member(member: Member, overwrite: bool) -> None:
+def check_sweep_folder(out: Path) -> Path:
+    """`out` may be new, empty or a sweep folder (sweep.json or runs/); never a file, a cache or a run."""
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--out {out}: {folder} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not ((out / "sweep.json").is_file() or (out / "runs").is_dir()):
+        kind = "a cache" if (out / "manifest.json").is_file() else "a run folder" if (out / "config.json").is_file() else "not a sweep"
+        raise UserError(f"--out {out} is a non-empty folder that is {kind}; choose a new or empty folder, or an earlier sweep's")
+    return out
+
+
+def prepare_member(member: Member, overwrite: bool, manifest: dict | None = None) -> None:
     """Finished runs are kept; others get (or keep) their run folder, as side_train.run makes it."""
     config_path, summary_path = member.run_dir / "config.json", member.run_dir / "summary.json"
     same = solo.stored_identity(config_path) == member.identity
@@ -261,7 +285,10 @@ def prepare_member(member: Member, overwrite: bool) -> None:
     except PermissionError:
         raise UserError(f"cannot write to {member.run_dir}; choose an --out you can write to") from None
     if not config_path.is_file():
-        config_path.write_text(json.dumps({"identity": member.identity, "argv": vars(member.args)}, indent=1, default=str))
+        lengths = manifest if manifest is not None else vars(member.args)
+        inputs = {k: lengths[k] for k in ("max_length", "max_target_length")}  # for side_train.predict, as side_train.run writes
+        config_path.write_text(json.dumps({"identity": member.identity, "argv": vars(member.args), "inputs": inputs},
+                                          indent=1, default=str))
 
 
 # --- one batch stream, many layer subsets ---------------------------------------------------
@@ -466,10 +493,13 @@ def sweep(args: argparse.Namespace, rest: list[str]) -> list[dict]:
     if "train" not in sources.splits:
         raise UserError("the cache has no train split; extract it with --splits train,...")
     members = make_members(args, rest, sources, configurations)
-    out = Path(args.out)
+    out = check_sweep_folder(Path(args.out))
+    # importance scores before any run folder is written: a sweep refused for lack of them leaves nothing behind
+    scores = {init: importance_scores(sources, init, args.cache, base.fisher_samples)
+              for init in sorted({m.args.init for m in members})}
     out.mkdir(parents=True, exist_ok=True)
     for m in members:
-        prepare_member(m, args.overwrite)
+        prepare_member(m, args.overwrite, sources.manifest)
     todo = [m for m in members if not m.finished]
     total_params = backbone_parameters(sources.backbone)
     record = {"cache": str(Path(args.cache).resolve()), "shared_flags": rest, "device": str(device),
@@ -487,8 +517,6 @@ def sweep(args: argparse.Namespace, rest: list[str]) -> list[dict]:
         lm_head = sources.backbone.lm_head()[0].detach().float().cpu() if union.family == "t5" else None
         estimate_memory(todo, data["train"], lm_head, device)
         budget = args.memory_budget_bytes or default_budget(device)
-        scores = {init: importance_scores(sources, init, args.cache, base.fisher_samples)
-                  for init in sorted({m.args.init for m in todo})}
         groups: dict[tuple[int, int], list[Member]] = {}
         for m in todo:
             groups.setdefault((m.train_cfg.batch_size, m.train_cfg.seed), []).append(m)

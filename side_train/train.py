@@ -180,7 +180,8 @@ class TrainState:
                 else:
                     loss = self.model.loss(batch)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
+            if cfg.clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step_count += 1

@@ -236,7 +236,10 @@ def test_complete_cache_is_never_overwritten_silently(tiny_t5, t5_cache):
     same = run_cli("backbone_cache.extract", "--model", str(tiny_t5), "--out", str(t5_cache), *T5_EXTRACT_ARGS)
     assert "already complete" in same.stderr
     other = run_cli("backbone_cache.extract", "--out", str(t5_cache), "--limit", "5", "--quiet", check=False)
-    assert_one_line_error(other, "already holds a cache", "--overwrite")
+    assert_one_line_error(other, "already holds a cache", "its model differs", "--overwrite")
+    shorter = run_cli("backbone_cache.extract", "--model", str(tiny_t5), "--out", str(t5_cache), *T5_EXTRACT_ARGS,
+                      "--max-length", "64", check=False)
+    assert_one_line_error(shorter, "its --max-length differs")
     # without --chunk-mib / --shard-mib the cache's own geometry is the default: a cache made
     # under another default (2 MiB chunks before 2026-11-27) is still this command's cache
     flags = [a for a in T5_EXTRACT_ARGS if a not in ("--chunk-mib", "0.01", "--shard-mib", "0.04")]
@@ -244,7 +247,7 @@ def test_complete_cache_is_never_overwritten_silently(tiny_t5, t5_cache):
     assert "already complete" in default_geometry.stderr
     other_geometry = run_cli("backbone_cache.extract", "--model", str(tiny_t5), "--out", str(t5_cache), *flags,
                              "--chunk-mib", "0.02", check=False)
-    assert_one_line_error(other_geometry, "already holds a cache", "--overwrite")
+    assert_one_line_error(other_geometry, "already holds a cache", "its --chunk-mib/--shard-mib differs", "--overwrite")
     assert _tree_digest(t5_cache) == before
 
 
@@ -307,3 +310,42 @@ def test_model_folder_without_weights(tmp_path, tiny_t5):
     (folder / "config.json").write_text((tiny_t5 / "config.json").read_text())
     proc = run_cli("backbone_cache.extract", "--model", str(folder), "--out", str(tmp_path / "c"), check=False)
     assert_one_line_error(proc, "no *.safetensors weights")
+
+
+def extract_here(capsys, *argv: str) -> tuple[int, str]:
+    """backbone_cache.extract's main in this process (no interpreter start): (exit code, stderr)."""
+    from backbone_cache.extract import main
+
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_fisher_scores_are_added_to_a_complete_cache(tmp_path, tiny_t5, capsys):
+    """Importance sits beside the states (not part of the cache's identity): asking for Fisher
+    on a complete cache without it adds the scores and leaves every state file as it was."""
+    from side_train.run import main as run_main
+
+    out = tmp_path / "c"
+    extract = ("--model", str(tiny_t5), "--out", str(out), *T5_EXTRACT_ARGS, "--limit", "12")
+    assert extract_here(capsys, *extract, "--importance", "none")[0] == 0
+    states = {p: p.stat().st_mtime_ns for p in out.rglob("c/*/*/*") if p.is_file()}
+    assert states and read_manifest(out)["importance"] is None
+    code, err = extract_here(capsys, *extract, "--importance", "fisher")
+    assert code == 0 and "added Fisher importance scores over 8 training examples" in err
+    assert read_manifest(out)["importance"] == {"kind": "fisher", "file": "importance.safetensors", "samples": 8}
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("c/*/*/*") if p.is_file()} == states
+    assert "already complete" in extract_here(capsys, *extract, "--importance", "fisher")[1]
+    assert run_main(["--cache", str(out), "--out", str(tmp_path / "run"), "--max-steps", "1", "--init", "fisher", "--quiet"]) == 0
+
+
+def test_default_codec_and_a_cache_made_under_the_old_one(tmp_path, tiny_t5, t5_cache, capsys):
+    """blosc-lz4 is the default; without --codec, a cache already at --out keeps its own codec
+    (zstd1 was the default before), so the same command still finds it complete."""
+    assert read_manifest(t5_cache)["storage"]["codec"] == "blosc-lz4"
+    out = tmp_path / "old"
+    extract = ("--model", str(tiny_t5), "--out", str(out), *T5_EXTRACT_ARGS, "--importance", "none", "--limit", "12")
+    assert extract_here(capsys, *extract, "--codec", "zstd1")[0] == 0
+    assert "already complete" in extract_here(capsys, *extract)[1]
+    code, err = extract_here(capsys, *extract, "--codec", "blosc-lz4")
+    assert code == 2 and "its --codec differs" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert read_manifest(out)["storage"]["codec"] == "zstd1"

@@ -7,9 +7,10 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import T5_EXTRACT_ARGS, assert_one_line_error, run_cli
+from conftest import T5_EXTRACT_ARGS, run_cli
 
 from side_train.predict import Predictor
+from side_train.predict import main as predict_main
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +56,36 @@ def test_live_texts_get_the_labels_of_their_cached_states(short_run, tmp_path):
     assert texts.stdout.strip().split("\t")[-1] == live[0]
 
 
-def test_bad_predict_input_is_one_line(short_run, tmp_path):
+def one_line_error(capsys, *argv: str) -> str:
+    """side_train.predict's main in this process (no interpreter start per case): exit 2, one error line."""
+    assert predict_main(list(argv)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_bad_predict_input_is_one_line(short_run, tmp_path, capsys):
     cache, run = short_run
-    assert_one_line_error(run_cli("side_train.predict", "--run", str(tmp_path / "nowhere"), "--text", "x", check=False),
-                          "not a run folder")
-    assert_one_line_error(run_cli("side_train.predict", "--run", str(run), check=False), "nothing to predict")
-    assert_one_line_error(run_cli("side_train.predict", "--run", str(run), "--text", "a ||| b", check=False), "text field")
+    assert "not a run folder" in one_line_error(capsys, "--run", str(tmp_path / "nowhere"), "--text", "x")
+    assert "nothing to predict" in one_line_error(capsys, "--run", str(run), "--device", "cpu")
+    assert "text field" in one_line_error(capsys, "--run", str(run), "--text", "a ||| b", "--device", "cpu")
+    # --out: never a folder, never over an existing file unless asked
+    for out in (tmp_path, tmp_path / "nowhere" / "p.csv"):
+        assert "must be a file" in one_line_error(capsys, "--run", str(run), "--text", "x", "--out", str(out))
+    kept = tmp_path / "kept.csv"
+    kept.write_text("mine")
+    message = one_line_error(capsys, "--run", str(run), "--text", "x", "--out", str(kept))
+    assert "exists" in message and "--overwrite" in message and kept.read_text() == "mine"
+    assert predict_main(["--run", str(run), "--text", "x", "--out", str(kept), "--overwrite", "--device", "cpu"]) == 0
+    assert kept.read_text().startswith("text,prediction")
+    # a cache of another task: refused, not relabelled
+    manifest = json.loads((cache / "manifest.json").read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    for item in cache.iterdir():
+        (other / item.name).symlink_to(item)
+    (other / "manifest.json").unlink()
+    manifest["task"]["label_names"] = ["no", "yes"]
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    message = one_line_error(capsys, "--run", str(run), "--cache", str(other), "--split", "validation", "--device", "cpu")
+    assert "holds task" in message and "the run's task" in message

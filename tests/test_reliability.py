@@ -65,6 +65,22 @@ def test_missing_shard_is_caught_at_open(cache_copy, tmp_path):
     train_fails(cache_copy, tmp_path, "missing shard 2 of test/encoder/hidden")
 
 
+@pytest.mark.parametrize("damage, needle", [
+    ("train/encoder/hidden/zarr.json", "train/encoder lacks an array or its metadata"),
+    ("train/examples.parquet", "train/examples.parquet is missing"),
+    ("manifest d_model", "states per token where the manifest says"),
+])
+def test_lost_metadata_and_edited_manifests_are_caught_at_open(cache_copy, tmp_path, damage, needle):
+    if damage == "manifest d_model":
+        manifest = json.loads((cache_copy / "manifest.json").read_text())
+        manifest["model"]["d_model"] = 512
+        (cache_copy / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        (cache_copy / damage).unlink()
+    assert_one_line_error(run_cli("backbone_cache.verify", str(cache_copy), "--quiet", check=False), needle, "--overwrite")
+    train_fails(cache_copy, tmp_path, needle)
+
+
 def test_nan_in_the_cache_is_caught(cache_copy):
     hidden = zarr.open_array(str(cache_copy / "train" / "encoder" / "hidden"), mode="r+")
     hidden[5, 1, 3] = np.uint16(0x7FC0)  # bf16 NaN, written with a valid checksum

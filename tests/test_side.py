@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -325,11 +326,36 @@ def test_run_folder_is_not_clobbered(t5_cache, tmp_path):
         (["--side-layers", "0,7"], "side layers"),
         (["--batch-size", "0"], "--batch-size must be positive"),
         (["--attention-dropout", "1"], "--attention-dropout must be in [0, 1)"),
+        (["--clip", "-1"], "--clip must be non-negative, got -1.0"),  # a negative clip would flip the gradients' sign
+        (["--lr", "0"], "--lr must be positive, got 0.0"),
+        (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
+        (["--side-layers", "3,1,1"], "names a layer twice"),
+        (["--side-layers", "1,2", "--drop-layers", "1"], "give one of them"),
+        (["--out", "README.md/r"], "README.md is a file"),
     ],
 )
 def test_bad_training_input_is_one_line(t5_cache, tmp_path, extra, needle):
     proc = run_cli("side_train.run", "--cache", str(t5_cache), "--out", str(tmp_path / "r"), "--quiet", *extra, check=False)
     assert_one_line_error(proc, needle)
+
+
+def test_a_refused_run_leaves_no_run_behind(t5_cache, tmp_path, capsys):
+    """A run refused after its folder was named (here: no Fisher scores in the cache) writes no
+    config.json, so the corrected command is not refused as 'a different run'."""
+    from side_train.run import main as run_main
+
+    cache = tmp_path / "c"  # the shared cache without its Fisher scores
+    shutil.copytree(t5_cache, cache, ignore=shutil.ignore_patterns("importance.safetensors"))
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["importance"] = None
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "r"
+    assert run_main(["--cache", str(cache), "--out", str(out), "--quiet"]) == 2
+    assert "holds no Fisher importance" in capsys.readouterr().err
+    assert not (out / "config.json").exists()
+    assert run_main(["--cache", str(cache), "--out", str(out), "--init", "magnitude", "--max-steps", "1", "--quiet",
+                     "--clip", "0"]) == 0  # 0: no clipping
+    assert (out / "summary.json").is_file()
 
 
 def test_missing_split_is_reported(tiny_t5, tmp_path):

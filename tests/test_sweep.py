@@ -173,9 +173,23 @@ def test_configs_file_and_errors(cache, tmp_path, capsys):
         sweep_mod.parse_bytes("lots")
     base = ["--cache", str(cache), "--out", str(tmp_path / "bad"), "--quiet"]
     for grid_item, message in (("width=1,2", "not a side_train.run option"), ("limit=5,6", "fixed for the whole sweep"),
-                               ("reduction=5,8", "does not divide")):
+                               ("reduction=5,8", "does not divide"), ("reduction=8,abc", "invalid int value: 'abc'")):
         assert sweep_mod.main([*base, "--grid", grid_item]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err  # one line, no usage text
+    assert sweep_mod.main([*base, "--grid", "reduction=8,16", "--reduction", "4"]) == 2
+    assert "both in the grid and a shared flag (--reduction)" in capsys.readouterr().err
+    assert sweep_mod.main([*base, "--grid", "reduction=8", "--no-such-flag"]) == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    # --out: never into a cache, a run folder or a file; a sweep refused for lack of Fisher scores writes no run folder
+    for target, message in ((cache, "is a cache"), (tmp_path / "afile", "is a file")):
+        (tmp_path / "afile").write_text("x")
+        assert sweep_mod.main(["--cache", str(cache), "--out", str(target), "--quiet", "--grid", "reduction=8"]) == 2
         assert message in capsys.readouterr().err
+    assert not (cache / "runs").exists()
+    no_fisher = tmp_path / "no_fisher"  # the cache has magnitude scores only; the default --init is fisher
+    assert sweep_mod.main(["--cache", str(cache), "--out", str(no_fisher), "--quiet", "--grid", "reduction=8"]) == 2
+    assert "Fisher" in capsys.readouterr().err and not (no_fisher / "runs").exists()
 
 
 def test_plan_passes_respects_budget_and_count():
