@@ -130,10 +130,15 @@ def existing_geometry(out: Path, default: dict) -> dict:
         manifest = None
     if manifest is None or not manifest.get("splits"):
         return default
-    stacks = next(iter(manifest["splits"].values()))["stacks"]
-    if set(stacks) != set(default):
+    found = {}  # a stack's geometry from any split that has it (train has no candidates stack)
+    for split_meta in manifest["splits"].values():
+        for stack, meta in split_meta["stacks"].items():
+            found.setdefault(stack, (int(meta["chunk_tokens"]), int(meta["shard_tokens"])))
+    if "candidates" in default and "candidates" not in found and "decoder" in found:
+        found["candidates"] = found["decoder"]  # the same layers and width, so the same geometry
+    if set(found) != set(default):
         return default
-    return {stack: (int(stacks[stack]["chunk_tokens"]), int(stacks[stack]["shard_tokens"])) for stack in default}
+    return {stack: found[stack] for stack in default}
 
 
 def existing_codec(out: Path, default: str) -> str:
@@ -274,8 +279,11 @@ class Extraction:
                 existing = read_manifest(out)
             except UserError:
                 existing = None
-            if existing is not None and existing.get("plan_fingerprint") == fingerprint and not self.args.overwrite:
-                return out, existing, False  # the same cache: resume it, or nothing to do if it is complete
+            same = existing is not None and existing.get("plan_fingerprint") == fingerprint
+            if same and (not self.args.overwrite or not existing.get("complete")):
+                # the same cache: resume it (also under --overwrite, whose first run may have been this one),
+                # or nothing to do if it is complete; --overwrite rebuilds a complete one
+                return out, existing, False
             if not self.args.overwrite:
                 if existing is None:
                     raise UserError(f"--out {out} holds an unreadable or old-format cache; pass --overwrite to replace it")
@@ -377,9 +385,8 @@ class Extraction:
             k = self.args.outlier_channels
             group.create_array("outliers", shape=(tokens, layers, k), chunks=(chunk, 1, k), shards=(shard, layers, k),
                                dtype="uint16", compressors=compressors(self.args.codec), fill_value=0)
-            # every chunk is written, even one of all zeros (k = 1, channel 0), so a missing file means damage
             group.create_array("outlier_index", shape=(max(1, -(-tokens // shard)), layers, k), chunks=(1, layers, k),
-                               dtype="int32", fill_value=0, config={"write_empty_chunks": True})
+                               dtype="int32", fill_value=0)
 
     def shard_encoder(self, group):
         """The function the writer applies to each finished shard (None for bf16)."""
@@ -440,6 +447,8 @@ class Extraction:
         keep_freed_memory()  # the forward's large temporaries reuse memory (shared.allocator)
         folder, manifest, swap = self.prepare_folder()
         self.manifest = manifest
+        if manifest.get("complete") and swap:  # a rebuild killed between its last write and the swap
+            folder, swap = self.swap_into_out(folder), False
         if manifest.get("complete"):
             if self.fisher_missing(manifest):
                 # importance scores sit beside the states and are not part of the cache's identity: add them in place
@@ -458,15 +467,17 @@ class Extraction:
         manifest["complete"] = True
         manifest["extract_seconds"] = round(time.perf_counter() - start, 3)
         write_json_atomic(folder / MANIFEST, manifest)
-        if swap:
-            out = Path(self.args.out)
-            trash = out.with_name(out.name + ".replaced")
-            shutil.rmtree(trash, ignore_errors=True)
-            out.rename(trash)
-            folder.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-            folder = out
-        return folder
+        return self.swap_into_out(folder) if swap else folder
+
+    def swap_into_out(self, folder: Path) -> Path:
+        """Put a complete rebuilt cache at --out in place of the old one."""
+        out = Path(self.args.out)
+        trash = out.with_name(out.name + ".replaced")
+        shutil.rmtree(trash, ignore_errors=True)
+        out.rename(trash)
+        folder.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+        return out
 
     def extract_split(self, folder: Path, plan: SplitPlan) -> None:
         import zarr

@@ -124,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"cache {args.cache} holds task {manifest['task']['name']!r}, run {args.run} was trained on "
                             f"{predictor.spec.name!r}; predict from a cache of the run's task")
         cfg = predictor.model.cfg
+        if args.split not in manifest["splits"]:
+            raise UserError(f"cache {args.cache} has no split {args.split!r}; choose one of {', '.join(manifest['splits'])}")
+        if cfg.family == "t5" and "candidates" not in manifest["splits"][args.split]["stacks"]:
+            raise UserError(f"split {args.split!r} of cache {args.cache} holds no candidate label states (T5 caches keep them "
+                            "for validation and test only); choose another --split")
         source = CachedSplit(Path(args.cache), manifest, args.split, cfg.encoder_layers, cfg.decoder_layers)
         values = predict(predictor.model, source, predictor.spec, predictor.backbone.device, 100)
         ids = source.examples.column("example_id").to_pylist()

@@ -136,7 +136,7 @@ def parse_run_flags(argv: list[str], context: str) -> argparse.Namespace:
 
 def parse_shared(args: argparse.Namespace, rest: list[str]) -> argparse.Namespace:
     """The side_train.run flags every configuration shares, parsed and checked by side_train.run."""
-    return parse_run_flags(["--cache", args.cache, "--out", "unused", *rest],
+    return parse_run_flags(["--cache", args.cache, "--out", str(Path(args.out) / "runs" / "shared-flags"), *rest],
                            "the shared flags (those that are not the sweep's own are side_train.run flags)")
 
 
@@ -216,7 +216,9 @@ def member_name(overrides: dict[str, str]) -> str:
 
 def make_members(args: argparse.Namespace, rest: list[str], sources, configurations: list[dict[str, str]]) -> list[Member]:
     """Parse each configuration as side_train.run would; compute its identity and run folder."""
-    known = set(vars(parse_shared(args, rest)))
+    shared = vars(parse_shared(args, rest))
+    defaults = vars(parse_shared(args, []))
+    known = set(shared)
     info, task = sources.backbone.info().to_json(), sources.spec.to_json()
     members, names = [], set()
     device = pick_device(args.device)
@@ -225,7 +227,8 @@ def make_members(args: argparse.Namespace, rest: list[str], sources, configurati
         options = {k: v for k, v in overrides.items() if k != "name"}
         for key in options:
             flag = f"--{key.replace('_', '-')}"
-            if any(given == flag or given.startswith(flag + "=") for given in rest):
+            # given literally, or (abbreviated) to a value other than the default
+            if any(given == flag or given.startswith(flag + "=") for given in rest) or shared.get(key) != defaults.get(key):
                 raise UserError(f"configuration {name}: {key!r} is both in the grid and a shared flag ({flag}); give it in one place")
             if key not in known:
                 raise UserError(f"configuration {name}: {key!r} is not a side_train.run option (see python -m side_train.run --help)")
@@ -271,11 +274,16 @@ def check_sweep_folder(out: Path) -> Path:
     return out
 
 
+def finished_before(member: Member, overwrite: bool) -> bool:
+    """The member's run folder holds this very run, finished, and it is not to be redone."""
+    same = solo.stored_identity(member.run_dir / "config.json") == member.identity
+    return same and (member.run_dir / "summary.json").is_file() and not overwrite
+
+
 def prepare_member(member: Member, overwrite: bool, manifest: dict | None = None) -> None:
     """Finished runs are kept; others get (or keep) their run folder, as side_train.run makes it."""
-    config_path, summary_path = member.run_dir / "config.json", member.run_dir / "summary.json"
-    same = solo.stored_identity(config_path) == member.identity
-    if same and summary_path.is_file() and not overwrite:
+    config_path = member.run_dir / "config.json"
+    if finished_before(member, overwrite):
         member.finished = True
         return
     try:
@@ -495,8 +503,9 @@ def sweep(args: argparse.Namespace, rest: list[str]) -> list[dict]:
     members = make_members(args, rest, sources, configurations)
     out = check_sweep_folder(Path(args.out))
     # importance scores before any run folder is written: a sweep refused for lack of them leaves nothing behind
+    unfinished = [m for m in members if not finished_before(m, args.overwrite)]
     scores = {init: importance_scores(sources, init, args.cache, base.fisher_samples)
-              for init in sorted({m.args.init for m in members})}
+              for init in sorted({m.args.init for m in unfinished})}
     out.mkdir(parents=True, exist_ok=True)
     for m in members:
         prepare_member(m, args.overwrite, sources.manifest)

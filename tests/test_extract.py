@@ -349,3 +349,23 @@ def test_default_codec_and_a_cache_made_under_the_old_one(tmp_path, tiny_t5, t5_
     code, err = extract_here(capsys, *extract, "--codec", "blosc-lz4")
     assert code == 2 and "its --codec differs" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
     assert read_manifest(out)["storage"]["codec"] == "zstd1"
+
+
+def test_resuming_a_t5_cache_without_test_split_and_an_interrupted_overwrite(tmp_path, tiny_t5, capsys):
+    """(1) A T5 cache whose first split (train) has no candidates stack, made with other chunk
+    sizes: the same command without --chunk-mib still finds it. (2) An --overwrite whose first
+    run went straight into a new folder and was interrupted: the same command resumes it."""
+    flags = [a for a in T5_EXTRACT_ARGS if a not in ("--chunk-mib", "0.01", "--shard-mib", "0.04")]
+    base = ("--model", str(tiny_t5), *flags, "--importance", "none", "--limit", "12", "--splits", "train,validation")
+    out = tmp_path / "c"
+    assert extract_here(capsys, *base, "--out", str(out), "--chunk-mib", "0.02")[0] == 0
+    assert "already complete" in extract_here(capsys, *base, "--out", str(out))[1]
+    fresh = tmp_path / "fresh"
+    assert extract_here(capsys, *base, "--out", str(fresh), "--overwrite")[0] == 0
+    manifest = read_manifest(fresh)
+    manifest["complete"] = manifest["splits"]["validation"]["complete"] = False  # as if killed before its last split
+    (fresh / "manifest.json").write_text(json.dumps(manifest))
+    train_files = {p: p.stat().st_mtime_ns for p in (fresh / "train").rglob("*") if p.is_file()}
+    assert extract_here(capsys, *base, "--out", str(fresh), "--overwrite")[0] == 0
+    assert read_manifest(fresh)["complete"] and not (tmp_path / "fresh.overwrite").exists()
+    assert {p: p.stat().st_mtime_ns for p in (fresh / "train").rglob("*") if p.is_file()} == train_files  # resumed, not redone

@@ -179,6 +179,8 @@ def test_configs_file_and_errors(cache, tmp_path, capsys):
         assert message in err and len(err.strip().splitlines()) == 1, err  # one line, no usage text
     assert sweep_mod.main([*base, "--grid", "reduction=8,16", "--reduction", "4"]) == 2
     assert "both in the grid and a shared flag (--reduction)" in capsys.readouterr().err
+    assert sweep_mod.main([*base, "--grid", "reduction=8,16", "--reduc", "4"]) == 2  # argparse's abbreviation, caught by value
+    assert "both in the grid and a shared flag" in capsys.readouterr().err
     assert sweep_mod.main([*base, "--grid", "reduction=8", "--no-such-flag"]) == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
     # --out: never into a cache, a run folder or a file; a sweep refused for lack of Fisher scores writes no run folder
