@@ -120,14 +120,18 @@ def geometry_mib(args: argparse.Namespace) -> tuple[float, float]:
             DEFAULT_SHARD_MIB if args.shard_mib is None else args.shard_mib)
 
 
-def existing_geometry(out: Path, default: dict) -> dict:
-    """The (chunk, shard) tokens per stack of a readable cache at `out` with the same stacks;
-    `default` otherwise (no cache there, another model family, a damaged manifest). Any other
-    difference is still caught by the plan fingerprint."""
+def existing_manifest(out: Path) -> dict | None:
+    """The manifest of a readable cache at `out`, or None (no cache there, a damaged manifest)."""
     try:
-        manifest = read_manifest(out) if (out / MANIFEST).is_file() else None
+        return read_manifest(out) if (out / MANIFEST).is_file() else None
     except UserError:
-        manifest = None
+        return None
+
+
+def existing_geometry(manifest: dict | None, default: dict) -> dict:
+    """The (chunk, shard) tokens per stack of an existing cache's `manifest` with the same stacks;
+    `default` otherwise (no cache, another model family). Any other difference is still caught
+    by the plan fingerprint."""
     if manifest is None or not manifest.get("splits"):
         return default
     found = {}  # a stack's geometry from any split that has it (train has no candidates stack)
@@ -141,12 +145,8 @@ def existing_geometry(out: Path, default: dict) -> dict:
     return {stack: found[stack] for stack in default}
 
 
-def existing_codec(out: Path, default: str) -> str:
-    """The codec of a readable cache at `out`, else `default` (as `existing_geometry`)."""
-    try:
-        manifest = read_manifest(out) if (out / MANIFEST).is_file() else None
-    except UserError:
-        manifest = None
+def existing_codec(manifest: dict | None, default: str) -> str:
+    """The codec of an existing cache's `manifest`, else `default` (as `existing_geometry`)."""
     codec = (manifest or {}).get("storage", {}).get("codec")
     return codec if codec in CODECS else default
 
@@ -193,11 +193,13 @@ class Extraction:
             )
         self.geometry = {stack: stack_geometry(len(layers), self.info.d_model, *geometry_mib(args))
                          for stack, layers in self.layers.items()}
-        if args.chunk_mib is None and args.shard_mib is None and not args.overwrite:
-            # same command, same cache: a cache at --out made with an earlier default keeps its geometry
-            self.geometry = existing_geometry(Path(args.out), self.geometry)
-        if args.codec is None:  # likewise its codec (zstd1 was the default before blosc-lz4)
-            args.codec = DEFAULT_CODEC if args.overwrite else existing_codec(Path(args.out), DEFAULT_CODEC)
+        # same command, same cache: a cache at --out made under earlier defaults keeps its geometry and codec
+        # (2 MiB chunks and zstd1 before 2026-11-27); --overwrite rebuilds with the current defaults
+        existing = None if args.overwrite else existing_manifest(Path(args.out))
+        if args.chunk_mib is None and args.shard_mib is None:
+            self.geometry = existing_geometry(existing, self.geometry)
+        if args.codec is None:
+            args.codec = existing_codec(existing, DEFAULT_CODEC)
 
     # --- manifest -------------------------------------------------------------------------
 

@@ -188,12 +188,18 @@ def parse_side_layers(text: str | None) -> list[int] | None:
     return sorted(layers)
 
 
-def side_config_for(backbone: Backbone, spec: TaskSpec, args: argparse.Namespace) -> SideConfig:
-    """Size the side network from the backbone's config and the flags."""
-    c = backbone.config
+def explicit_side_layers(args: argparse.Namespace) -> list[int] | None:
+    """--side-layers as a sorted list (None: all, less --drop-layers); giving both flags is an error."""
     explicit = parse_side_layers(args.side_layers)
     if explicit and args.drop_layers:
         raise UserError("--side-layers and --drop-layers both choose the side layers; give one of them")
+    return explicit
+
+
+def side_config_for(backbone: Backbone, spec: TaskSpec, args: argparse.Namespace) -> SideConfig:
+    """Size the side network from the backbone's config and the flags."""
+    c = backbone.config
+    explicit = explicit_side_layers(args)
     if backbone.family == "t5":
         cfg = SideConfig(
             family="t5", backbone_d=c.d_model, backbone_d_ff=c.d_ff, backbone_d_kv=c.d_kv, num_heads=c.num_heads,

@@ -26,10 +26,10 @@ from side_train.recipe import (
     backbone_parameters,
     build_side_network,
     choose_tier,
+    explicit_side_layers,
     importance_scores,
     materialize,
     open_sources,
-    parse_side_layers,
     side_config_for,
     train_config_for,
 )
@@ -72,9 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
     if not 0 <= args.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
-    explicit = parse_side_layers(args.side_layers)  # checked here too: a bad list fails before any model is loaded
-    if explicit and args.drop_layers:
-        raise UserError("--side-layers and --drop-layers both choose the side layers; give one of them")
+    explicit_side_layers(args)  # a bad list fails here, before any model is loaded
     check_out_path(Path(args.out))
     if args.attention_dropout is not None and not 0 <= args.attention_dropout < 1:
         raise UserError(f"--attention-dropout must be in [0, 1), got {args.attention_dropout}")
@@ -107,6 +105,14 @@ def prepare_run_dir(run_dir: Path, identity: dict, overwrite: bool) -> None:
         elif finished:
             raise UserError(f"--out {run_dir} already holds this finished run (see summary.json); pass --overwrite to redo it")
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_config(path: Path, identity: dict, args: argparse.Namespace, manifest: dict | None) -> None:
+    """A run folder's config.json: its identity, its flags, and `inputs`, the lengths its
+    training inputs were cut at (a cache's own, else the flags), which prediction repeats."""
+    lengths = manifest if manifest is not None else vars(args)
+    inputs = {k: lengths[k] for k in ("max_length", "max_target_length")}
+    path.write_text(json.dumps({"identity": identity, "argv": vars(args), "inputs": inputs}, indent=1, default=str))
 
 
 # settings added after run folders existed, with the value a folder written before had
@@ -168,12 +174,8 @@ def run(args: argparse.Namespace) -> dict:
     tier = choose_tier(sources.manifest, side_cfg, device, args.tier) if sources.mode == "cache" else "live"
     data = materialize(sources, side_cfg, args.cache, tier, args.reader_workers, device)
     if not (run_dir / "config.json").is_file():
-        # written once every check has passed: a run refused above leaves no identity behind to block its corrected rerun.
-        # `inputs`: the lengths the training inputs were cut at (a cache's own, else the flags), for prediction
-        lengths = sources.manifest if sources.manifest is not None else vars(args)
-        inputs = {k: lengths[k] for k in ("max_length", "max_target_length")}
-        (run_dir / "config.json").write_text(json.dumps({"identity": identity, "argv": vars(args), "inputs": inputs},
-                                                        indent=1, default=str))
+        # written once every check has passed: a run refused above leaves no identity behind to block its corrected rerun
+        write_config(run_dir / "config.json", identity, args, sources.manifest)
     if sources.mode == "cache":
         sources.backbone.model = None  # only the LM head (inside the side network) stays
     evals = {s: data[s] for s in ("validation", "test") if s in data}

@@ -265,9 +265,7 @@ def make_members(args: argparse.Namespace, rest: list[str], sources, configurati
 
 def check_sweep_folder(out: Path) -> Path:
     """`out` may be new, empty or a sweep folder (sweep.json or runs/); never a file, a cache or a run."""
-    for folder in (out, *out.parents):
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"--out {out}: {folder} is a file; choose a folder")
+    solo.check_out_path(out)
     if out.is_dir() and any(out.iterdir()) and not ((out / "sweep.json").is_file() or (out / "runs").is_dir()):
         kind = "a cache" if (out / "manifest.json").is_file() else "a run folder" if (out / "config.json").is_file() else "not a sweep"
         raise UserError(f"--out {out} is a non-empty folder that is {kind}; choose a new or empty folder, or an earlier sweep's")
@@ -293,10 +291,7 @@ def prepare_member(member: Member, overwrite: bool, manifest: dict | None = None
     except PermissionError:
         raise UserError(f"cannot write to {member.run_dir}; choose an --out you can write to") from None
     if not config_path.is_file():
-        lengths = manifest if manifest is not None else vars(member.args)
-        inputs = {k: lengths[k] for k in ("max_length", "max_target_length")}  # for side_train.predict, as side_train.run writes
-        config_path.write_text(json.dumps({"identity": member.identity, "argv": vars(member.args), "inputs": inputs},
-                                          indent=1, default=str))
+        solo.write_config(config_path, member.identity, member.args, manifest)
 
 
 # --- one batch stream, many layer subsets ---------------------------------------------------
