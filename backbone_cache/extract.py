@@ -314,7 +314,7 @@ class Extraction:
                   ("--max-length", lambda m: m["max_length"]), ("--max-target-length", lambda m: m["max_target_length"]),
                   ("--batch-size", lambda m: m["batch_size"]), ("--codec", lambda m: m["storage"]["codec"]),
                   ("--precision", lambda m: (m["storage"]["precision"], m["storage"].get("outlier_channels"))),
-                  ("the backbone's dtype (CPU float32, GPU bfloat16)", lambda m: m["compute_dtype"]),
+                  ("the backbone's dtype (float32 on a CPU or a GPU before Ampere, else bfloat16)", lambda m: m["compute_dtype"]),
                   ("--layers", lambda m: {(split, s): v["layers"] for split, meta in m["splits"].items()
                                           for s, v in meta["stacks"].items()}),
                   ("--chunk-mib/--shard-mib", lambda m: {(split, s): (v["chunk_tokens"], v["shard_tokens"])

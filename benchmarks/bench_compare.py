@@ -15,14 +15,12 @@ Rotten Tomatoes) with memory counted on a real CPU step. Results go to benchmark
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from shared.backbones import default_model_dir
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from make_tiny_t5 import copy_tokenizer  # noqa: E402
 
 
 def make_t5_base_shaped(folder: Path) -> Path:
@@ -30,9 +28,7 @@ def make_t5_base_shaped(folder: Path) -> Path:
     from transformers import T5Config
 
     folder.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (default_model_dir() / name).exists():
-            shutil.copy(default_model_dir() / name, folder / name)
+    copy_tokenizer(folder)
     T5Config(vocab_size=30522, d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12,
              feed_forward_proj="relu", pad_token_id=0, eos_token_id=102, decoder_start_token_id=0,
              tie_word_embeddings=True).save_pretrained(folder)

@@ -1,6 +1,7 @@
 """Extraction overhead, cache size and decode speed per codec (and chunk/shard size), in one run.
 
-For the embedded MiniLM on the first --examples Rotten Tomatoes training snippets:
+For the embedded MiniLM (or --model, or --bert-base-shaped: random weights of BERT-base's
+shape) on the first --examples Rotten Tomatoes training snippets:
 
   plain    the same model on the same length-sorted, padded batches (same batch size) under
            torch.inference_mode with output_hidden_states=True, results discarded;
@@ -20,6 +21,7 @@ random read is one example's token range, all layers, by its offsets.
 
     python benchmarks/bench_extract.py --examples 3000 --rounds 3
     python benchmarks/bench_extract.py --codecs zstd1 --geometries 2:256,1:256,4:256,2:64,2:128
+    python benchmarks/bench_extract.py --bert-base-shaped --device cuda --examples 3000 --rounds 2
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -84,6 +87,7 @@ def plain_pass(extraction: Extraction) -> None:
 
 def extract_args(out: Path, args: argparse.Namespace, codec: str, chunk_mib: float, shard_mib: float) -> argparse.Namespace:
     argv = ["--out", str(out), "--splits", "train", "--limit", str(args.examples), "--batch-size", str(args.batch_size),
+            *(["--model", args.model] if args.model else []),
             "--codec", codec, "--chunk-mib", str(chunk_mib), "--shard-mib", str(shard_mib),
             "--importance", "none", "--device", args.device, "--quiet"]
     return parse_args(argv)
@@ -129,12 +133,20 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--work-dir", default=None, help="where the caches go (default: a temporary folder, removed after)")
+    p.add_argument("--model", default=None, help="an encoder backbone (default: the embedded MiniLM)")
+    p.add_argument("--bert-base-shaped", action="store_true",
+                   help="a BERT-base-shaped encoder with random weights, built in the work folder (no MiniLM weights needed)")
     args = p.parse_args()
     geometries = [tuple(float(x) for x in g.split(":")) for g in args.geometries.split(",") if g]
     variants = [(codec, chunk, shard) for chunk, shard in geometries for codec in args.codecs.split(",") if codec]
     names = [f"{codec} {chunk:g}:{shard:g}" for codec, chunk, shard in variants]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_extract_"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.bert_base_shaped:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from make_tiny_t5 import make_random_encoder
+
+        args.model = str(make_random_encoder(work / "bert-base-shaped"))
     print(f"machine before: {machine_line()}")
 
     extractions = {name: Extraction(extract_args(work / name.replace(" ", "_"), args, *variant)) for name, variant in zip(names, variants)}

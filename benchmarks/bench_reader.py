@@ -28,7 +28,7 @@ def epoch_of_pools(cache: Path, direct: bool) -> tuple[float, float, int]:
         cache_format.ShardedArrayReader.open = classmethod(lambda cls, path: None)
     try:
         manifest = cache_format.read_manifest(cache)
-        split = StreamingSplit(cache, manifest, "train", list(range(12)), list(range(12)), workers=0)
+        split = StreamingSplit(cache, manifest, "train", list(range(12)), list(range(12)), workers="inline")
         plan = epoch_batches(split.lengths, 100, 0, 0)
         dataset = PoolDataset(cache, manifest, "train", split.positions, split.labels, plan, 0)
         dataset[0]  # open the readers, read the shard indexes

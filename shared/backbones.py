@@ -225,6 +225,17 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def gpu_has_bf16(device: torch.device) -> bool:
+    """Whether a CUDA device multiplies bfloat16 natively (compute capability 8.0+; T4 and V100 emulate it)."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """A frozen backbone's compute dtype: bfloat16 on a GPU with bf16 units, else float32 (fp16 overflows T5)."""
+    return torch.bfloat16 if device.type == "cuda" and gpu_has_bf16(device) else torch.float32
+
+
 def load_backbone(
     name: str | None,
     device: torch.device,
@@ -238,7 +249,7 @@ def load_backbone(
     transformers.utils.logging.disable_progress_bar()
     path = resolve_model_path(name)
     display_name = DEFAULT_MODEL if name is None else name
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or default_dtype(device)
     local = Path(path).is_dir()
     common = {"revision": revision, "trust_remote_code": trust_remote_code, "local_files_only": local}
     try:

@@ -343,17 +343,19 @@ def measure_memory(prepared: Prepared, batch: TokenBatch, watch_backbone: bool =
     inputs = prepared.inputs(batch)
     device = batch.input_ids.device
     optimizer = None
+    exclude = [*device_tensors(module), *step_tensors(inputs)]
+    side = module.side if isinstance(module, LadderLive) else module
+    # recomputation's extra forward runs first, so its graph is gone before the CUDA peak is taken
+    recompute = recompute_bytes(side, lambda: module.loss(inputs), exclude)
     if device.type == "cuda":
         optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-12)
         training_step(module, inputs, optimizer)  # warm: optimizer state exists, kernels chosen
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     watch = [prepared.frozen] if watch_backbone and prepared.frozen is not None else []
-    exclude = [*device_tensors(module), *step_tensors(inputs)]
     with SavedTensorCounter(exclude=exclude, watch=watch) as counter:
         loss = module.loss(inputs)
-    side = module.side if isinstance(module, LadderLive) else module
-    memory = account(module, step_tensors(inputs), counter, recompute_bytes(side, lambda: module.loss(inputs), exclude))
+    memory = account(module, step_tensors(inputs), counter, recompute)
     if optimizer is not None:
         loss.backward()
         optimizer.step()

@@ -36,14 +36,20 @@ class Batch:
     cand_labels: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
+        """The batch on `device`; to a GPU through pinned memory, without waiting for the copy."""
         non_blocking = device.type == "cuda"
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is not None and device.type == "cuda" and value.device.type == "cpu":
+            if value is not None and non_blocking and value.device.type == "cpu" and not value.is_pinned():
                 value = value.pin_memory()
             moved[f.name] = value.to(device, non_blocking=non_blocking) if value is not None else None
         return Batch(**moved)
+
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked host memory (torch's DataLoader calls this in its pinning thread)."""
+        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).pin_memory()
+                        for f in fields(self)})
 
     @property
     def size(self) -> int:

@@ -25,20 +25,27 @@ from side_train.model import LadderSideNetwork
 
 
 def magnitude_scores(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-row L1 of |W| for every 2-D weight, plus qkv products, named as in importance files."""
+    """Per-row L1 of |W| for every 2-D weight, plus qkv products, named as in importance files.
+
+    Scores are float32 on the CPU whatever the weights' device and dtype (a bf16 backbone on a
+    GPU ranks rows as the same backbone in float32 on a CPU does)."""
+    def magnitude(name: str) -> torch.Tensor:  # one weight at a time: no second copy of the whole model
+        return state[name].detach().float().cpu().abs()
+
+    names = [name for name, w in state.items() if w.dim() == 2 and name.endswith(".weight")]
     scores = {}
-    for name, w in state.items():
-        if w.dim() == 2 and name.endswith(".weight"):
-            base = name.removesuffix(".weight")
-            scores[base + ".rows"] = w.abs().sum(1)
-            scores[base + ".columns"] = w.abs().sum(0)
-    for name in list(state):
+    for name in names:
+        w = magnitude(name)
+        base = name.removesuffix(".weight")
+        scores[base + ".rows"] = w.sum(1)
+        scores[base + ".columns"] = w.sum(0)
+    for name in names:
         for q, k, v in (("q", "k", "v"), ("query", "key", "value")):
             if name.endswith(f".{q}.weight"):
                 base = name[: -len(f".{q}.weight")]
-                ws = [state.get(f"{base}.{n}.weight") for n in (q, k, v)]
-                if all(w is not None for w in ws):
-                    scores[f"{base}.qkv"] = (ws[0].abs() * ws[1].abs() * ws[2].abs()).sum(1)
+                parts = [f"{base}.{n}.weight" for n in (q, k, v)]
+                if all(part in state for part in parts):
+                    scores[f"{base}.qkv"] = (magnitude(parts[0]) * magnitude(parts[1]) * magnitude(parts[2])).sum(1)
     return scores
 
 

@@ -48,8 +48,10 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--tier", default="auto", choices=["auto", "gpu", "ram", "disk"],
                    help="where cached training states live: on the GPU, in host RAM, or streamed from disk (auto: the first that fits)")
-    g.add_argument("--reader-workers", type=int, default=None,
-                   help="disk tier: reader processes (0: a background thread; default: a thread on 4 CPUs or fewer, else 1)")
+    g.add_argument("--reader", "--reader-workers", dest="reader_workers", type=reader_mode, default=None, metavar="MODE",
+                   help="disk tier: how pools are read: inline (between steps, in the training thread), thread "
+                        "(a background thread; 0 means the same) or N (N spawn-started processes); default: inline "
+                        "for a CPU step on 4 CPUs or fewer, thread beside a GPU on 4 CPUs or fewer, else 1 process")
     g.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub")
 
 
@@ -92,7 +94,10 @@ def open_sources(args: argparse.Namespace, device: torch.device, splits: tuple[s
             args.live = True  # no cache and no model: live on the embedded default
         model_name, revision = args.model, None
     live = args.live or not args.cache
-    backbone = load_backbone(model_name, device if live else torch.device("cpu"), dtype=None if live else torch.float32,
+    # cached: the backbone on the CPU for its config, tokenizer, LM head and pruned init only;
+    # --cache --live: in the dtype the cache was computed in, so live states equal the cached ones
+    dtype = torch.float32 if not live else getattr(torch, manifest["compute_dtype"]) if manifest is not None else None
+    backbone = load_backbone(model_name, device if live else torch.device("cpu"), dtype=dtype,
                              revision=revision, trust_remote_code=args.trust_remote_code)
     if manifest is not None:
         found = backbone.info()
@@ -149,18 +154,38 @@ def choose_tier(manifest: dict, cfg: SideConfig, device: torch.device, tier: str
     return "ram" if need < 0.5 * available else "disk"
 
 
-def default_reader_workers() -> int:
-    """A reader thread where the training step needs every core (measured: on 2 CPUs a spawned
-    reader process made a disk epoch 1.3x the RAM epoch, a thread 1.0x), else one process."""
-    return 0 if (os.cpu_count() or 1) <= 4 else 1
+def reader_mode(text: str) -> str | int:
+    """--reader: 'inline', 'thread' (or 0) or a positive number of reader processes."""
+    word = text.strip().lower()
+    if word in ("inline", "thread"):
+        return word
+    try:
+        count = int(word)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise UserError(f"--reader {text!r} is not a reader mode; use inline, thread or a number of reader processes")
+    return count or "thread"
 
 
-def materialize(sources: Sources, cfg: SideConfig, cache: str | None, tier: str = "ram", workers: int | None = None,
+def default_reader_workers(device: torch.device | None = None) -> str | int:
+    """How the disk tier reads where --reader is not given. On a few CPUs a CPU training step uses
+    every core, and reads stolen from it on another thread stall the step's parallel regions as
+    well: reading inline, between steps, costs the read time once (measured on 2 CPUs: disk/RAM
+    epoch 1.05-1.17x inline, 1.15-1.33x with a thread, 1.3x+ with a process). Beside a GPU the
+    CPU is free while the step runs, so a background thread overlaps the reads; with more CPUs,
+    one reader process."""
+    if (os.cpu_count() or 1) > 4:
+        return 1
+    return "thread" if device is not None and device.type == "cuda" else "inline"
+
+
+def materialize(sources: Sources, cfg: SideConfig, cache: str | None, tier: str = "ram", workers: str | int | None = None,
                 device: torch.device | None = None) -> dict:
     """Create each split's data source for a side network's layers, in the given tier."""
     from side_train.streaming import StreamingSplit
 
-    workers = default_reader_workers() if workers is None else workers
+    workers = default_reader_workers(device) if workers is None else workers
     out = {}
     for split, value in sources.splits.items():
         if sources.mode == "cache" and tier == "disk" and split == "train":

@@ -63,8 +63,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("epochs", "max_steps"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.reader_workers is not None and args.reader_workers < 0:
-        raise UserError(f"--reader-workers must be non-negative, got {args.reader_workers}")
     if args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
     for name in ("warmup_steps", "save_every", "clip", "weight_decay"):
@@ -93,7 +91,7 @@ def prepare_run_dir(run_dir: Path, identity: dict, overwrite: bool) -> None:
     config_path = run_dir / "config.json"
     check_out_path(run_dir)
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        stored = stored_identity(config_path)
+        stored = stored_identity(config_path, identity)
         finished = (run_dir / "summary.json").is_file()
         if overwrite:
             shutil.rmtree(run_dir)
@@ -116,10 +114,11 @@ def write_config(path: Path, identity: dict, args: argparse.Namespace, manifest:
 
 
 # settings added after run folders existed, with the value a folder written before had
-LATER_SETTINGS = {"train": {"precision": "auto"}}
+# (None: not recorded then, so the value the flags give now is taken)
+LATER_SETTINGS = {"train": {"precision": "auto", "step_dtype": None}}
 
 
-def stored_identity(config_path: Path) -> dict | None:
+def stored_identity(config_path: Path, wanted: dict | None = None) -> dict | None:
     """A run folder's identity from its config.json (None without one), with settings added
     since it was written filled in at their earlier value, so older runs still resume."""
     if not config_path.is_file():
@@ -128,6 +127,10 @@ def stored_identity(config_path: Path) -> dict | None:
     for section, settings in LATER_SETTINGS.items():
         if isinstance(stored, dict) and isinstance(stored.get(section), dict):
             for key, value in settings.items():
+                if value is None:
+                    value = ((wanted or {}).get(section) or {}).get(key)
+                    if value is None:
+                        continue
                 stored[section].setdefault(key, value)
     return stored
 
@@ -158,7 +161,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.eval_mode == "generate" and (sources.mode != "live" or side_cfg.family != "t5"):
         raise UserError("--eval generate needs a T5 backbone run live (add --live, or drop --eval generate)")
     run_dir = Path(args.out)
-    identity = {"side": side_cfg.to_json(), "train": config_dict(train_cfg), "init": args.init,
+    identity = {"side": side_cfg.to_json(), "train": config_dict(train_cfg, device), "init": args.init,
                 "model": sources.backbone.info().to_json(), "task": sources.spec.to_json(),
                 "cache": str(Path(args.cache).resolve()) if args.cache else None, "mode": sources.mode}
     try:

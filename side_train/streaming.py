@@ -6,7 +6,8 @@ few blocks of consecutive stored examples. `StreamingSplit.stream` hands the poo
 few contiguous token ranges (only the layers the side network uses) and cut into its
 padded batches. Workers start with `spawn` and open the zarr arrays lazily; batches come
 back in pinned memory when a GPU is used, and the loader prefetches the next pools while
-the current ones train. With `workers=0` the same code runs in a background thread.
+the current ones train. With `workers="thread"` the same code runs in a background thread,
+with `workers="inline"` in the training thread, a pool at a time between steps.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class StreamingSplit:
     """A split read from disk as it is consumed (training), or a contiguous range at a time (evaluation)."""
 
     def __init__(self, cache_dir: Path, manifest: dict, split: str, enc_layers: list[int], dec_layers: list[int],
-                 workers: int = 2, pin_memory: bool = False):
+                 workers: str | int = 2, pin_memory: bool = False):
         if split not in manifest["splits"]:
             raise UserError(f"the cache has no {split!r} split (it has {', '.join(manifest['splits'])}); extract it with --splits")
         self.cache_dir, self.manifest, self.split = Path(cache_dir), manifest, split
@@ -121,6 +122,13 @@ class StreamingSplit:
     def stream(self, plan: EpochPlan, first: int = 0) -> Iterator[tuple[int, Batch]]:
         """(index, Batch) for batches first.. of the epoch, pools read ahead by workers."""
         dataset = PoolDataset(self.cache_dir, self.manifest, self.split, self.positions, self.labels, plan, first)
+        if self.workers == "inline":
+            for item in range(len(dataset)):
+                yield from dataset[item][1]
+            return
+        if self.workers == "thread":
+            yield from _threaded(dataset, pin=self.pin_memory)
+            return
         if self.workers > 0:
             loader = torch.utils.data.DataLoader(
                 dataset, batch_size=None, shuffle=False, num_workers=self.workers, multiprocessing_context="spawn",
@@ -129,11 +137,12 @@ class StreamingSplit:
             for _pool, batches in loader:
                 yield from batches
             return
-        yield from _threaded(dataset)
+        raise ValueError(f"workers must be 'inline', 'thread' or a positive count, got {self.workers!r}")
 
 
-def _threaded(dataset: PoolDataset, ahead: int = 2) -> Iterator[tuple[int, Batch]]:
-    """Read pools on a background thread (zarr decoding and torch copies release the GIL)."""
+def _threaded(dataset: PoolDataset, ahead: int = 2, pin: bool = False) -> Iterator[tuple[int, Batch]]:
+    """Read pools on a background thread (decoding and torch copies release the GIL); with
+    `pin`, the thread also moves each batch to pinned memory, ready for an asynchronous copy."""
     ready: queue.Queue = queue.Queue(maxsize=ahead)
     stop = threading.Event()
 
@@ -142,7 +151,8 @@ def _threaded(dataset: PoolDataset, ahead: int = 2) -> Iterator[tuple[int, Batch
             for item in range(len(dataset)):
                 if stop.is_set():
                     return
-                ready.put(dataset[item])
+                pool, batches = dataset[item]
+                ready.put((pool, [(index, batch.pin_memory()) for index, batch in batches] if pin else batches))
         except BaseException as err:  # re-raised in the consumer
             ready.put(err)
         ready.put(None)

@@ -257,7 +257,7 @@ def make_members(args: argparse.Namespace, rest: list[str], sources, configurati
             uses_bf16(train_cfg.precision, device)
         except UserError as err:
             raise UserError(f"configuration {name}: {err}") from None
-        identity = {"side": side_cfg.to_json(), "train": config_dict(train_cfg), "init": member_args.init, "model": info,
+        identity = {"side": side_cfg.to_json(), "train": config_dict(train_cfg, device), "init": member_args.init, "model": info,
                     "task": task, "cache": str(Path(args.cache).resolve()), "mode": "cache"}
         members.append(Member(name, options, member_args, side_cfg, train_cfg, run_dir, identity))
     return members
@@ -274,7 +274,7 @@ def check_sweep_folder(out: Path) -> Path:
 
 def finished_before(member: Member, overwrite: bool) -> bool:
     """The member's run folder holds this very run, finished, and it is not to be redone."""
-    same = solo.stored_identity(member.run_dir / "config.json") == member.identity
+    same = solo.stored_identity(member.run_dir / "config.json", member.identity) == member.identity
     return same and (member.run_dir / "summary.json").is_file() and not overwrite
 
 
@@ -411,6 +411,7 @@ def run_pass(members: list[Member], train_source, sources, scores: dict, device:
     for m in members:
         model = build_side_network(m.side_cfg, sources.backbone, m.args.init, scores.get(m.args.init), m.args.seed)
         m.state = TrainState(model, train_source.lengths, sources.spec, m.train_cfg, m.run_dir, device, track_memory=True)
+        m.state.loss_reads_every = 1  # each member's step is timed: wait for it
         if m.state.resumed and not quiet:
             tqdm.write(f"{m.name}: resuming from step {m.state.progress['step']} (epoch {m.state.progress['epoch']})")
     if device.type == "cuda":

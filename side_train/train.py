@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from shared.backbones import gpu_has_bf16
 from shared.errors import UserError
 from shared.tasks import TaskSpec
 from side_train.checkpoint import load_checkpoint, save_checkpoint
@@ -53,18 +54,25 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.lr * remaining / max(total_steps - cfg.warmup_steps, 1)
 
 
+LOSS_READS_EVERY = 16  # GPU steps whose losses are read from the device together
+
+
 def uses_bf16(precision: str, device: torch.device) -> bool:
     """Whether the side step runs under bfloat16 autocast (`TrainConfig.precision` on `device`).
 
-    On a CPU bf16 pays only with bfloat16 instructions (AVX512-BF16 or AMX); without them it
-    is emulated and slower, so asking for it there is an error."""
+    bf16 pays only where it is native: on a CPU with AVX512-BF16 or AMX, on a GPU of compute
+    capability 8.0 or more. Elsewhere it is emulated and slower, so `auto` means float32
+    there and asking for bf16 is an error."""
     if precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
     if precision != "bf16":
-        return precision == "auto" and device.type == "cuda"
+        return precision == "auto" and device.type == "cuda" and gpu_has_bf16(device)
     if device.type == "cpu" and not cpu_has_bf16():
         raise UserError("--precision bf16: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), "
                         "so bf16 would be slower than float32; use --precision fp32")
+    if device.type == "cuda" and not gpu_has_bf16(device):
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 units "
+                        "(compute capability below 8.0), so bf16 would be emulated; use --precision fp32")
     return True
 
 
@@ -129,6 +137,12 @@ class TrainState:
         self.track_memory = track_memory
         self.memory: MemoryAccount | None = None  # the largest step's account (track_memory; see side_train.memory)
         self.log = open(self.metrics_path, "a", encoding="utf-8")
+        # on a GPU, reading a step's loss waits for the step: losses are read LOSS_READS_EVERY
+        # steps at a time, so the host queues the next steps while the GPU runs (a caller that
+        # times each step, like a sweep, sets this to 1)
+        self.loss_reads_every = LOSS_READS_EVERY if device.type == "cuda" else 1
+        self.pending: list[tuple[dict, torch.Tensor]] = []  # train records whose loss is still on the device
+        self.last_loss = float("nan")
 
     @contextmanager
     def own_rng(self):
@@ -171,30 +185,47 @@ class TrainState:
                     with SavedTensorCounter(exclude=[*device_tensors(self.model), *inputs]) as counter:
                         loss = self.model.loss(batch)
                     step_memory = account(self.model, inputs, counter)
-                    # the extra forward that counts recomputation only for a batch that may be the largest
-                    if self.memory is None or step_memory.total_bytes > self.memory.total_bytes - self.memory.recompute_bytes:
-                        step_memory.recompute_bytes = recompute_bytes(self.model, lambda: self.model.loss(batch),
-                                                                      [*device_tensors(self.model), *inputs])
-                        if self.memory is None or step_memory.total_bytes > self.memory.total_bytes:
-                            self.memory = step_memory
                 else:
                     loss = self.model.loss(batch)
             loss.backward()
+            # the extra forward that counts recomputation, only for a batch that may be the largest,
+            # and after backward, so its graph never sits beside the step's on the device
+            if self.track_memory and (self.memory is None
+                                      or step_memory.total_bytes > self.memory.total_bytes - self.memory.recompute_bytes):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    step_memory.recompute_bytes = recompute_bytes(self.model, lambda: self.model.loss(batch),
+                                                                  [*device_tensors(self.model), *inputs])
+                if self.memory is None or step_memory.total_bytes > self.memory.total_bytes:
+                    self.memory = step_memory
             if cfg.clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step_count += 1
-            value = loss.item()
-            self.log.write(json.dumps({"type": "train", "step": self.step_count, "epoch": epoch, "loss": value, "lr": lr}) + "\n")
+            self.pending.append(({"type": "train", "step": self.step_count, "epoch": epoch, "loss": None, "lr": lr}, loss.detach()))
+            if len(self.pending) >= self.loss_reads_every:
+                self.write_losses()
             if cfg.save_every and self.step_count % cfg.save_every == 0 and index + 1 < num_batches:
+                self.write_losses()
                 self.log.flush()
                 self.progress.update(epoch=epoch, batch=index + 1, step=self.step_count)
                 save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.progress)
-        return value
+        return self.last_loss
+
+    def write_losses(self) -> None:
+        """Read the pending steps' losses from the device (one wait) and log them."""
+        if not self.pending:
+            return
+        values = torch.stack([loss for _, loss in self.pending]).float().tolist()
+        for (record, _), value in zip(self.pending, values, strict=True):
+            record["loss"] = value
+            self.log.write(json.dumps(record) + "\n")
+        self.last_loss = values[-1]
+        self.pending.clear()
 
     def end_epoch(self, epoch: int, epoch_seconds: float, eval_sources: dict) -> dict:
         """Evaluate, log, keep the best model, checkpoint; returns the eval record."""
+        self.write_losses()
         self.progress["train_seconds"] += epoch_seconds
         results = {name: evaluate(self.model, source, self.spec, self.device, self.cfg.eval_batch_size, self.cfg.eval_mode,
                                   self.autocast)
@@ -215,6 +246,10 @@ class TrainState:
         return summarize(self.progress, memory, memory_kind)
 
     def close(self) -> None:
+        try:
+            self.write_losses()
+        except RuntimeError:  # the device failed: the error that did it is already on its way up
+            pass
         self.log.close()
 
 
@@ -249,6 +284,7 @@ def train(
                 rate = seen / (time.perf_counter() - t0)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", ex_s=f"{rate:,.0f}", refresh=False)
+            state.write_losses()  # waits for the last steps, so the epoch's time includes them
             record = state.end_epoch(epoch, time.perf_counter() - t0, eval_sources)
             if not cfg.quiet:
                 shown = ", ".join(f"{k} {v['score']:.2f}" for k, v in record.items() if isinstance(v, dict))
@@ -283,6 +319,11 @@ def summarize(progress: dict, memory: int, memory_kind: str) -> dict:
     return summary
 
 
-def config_dict(cfg: TrainConfig) -> dict:
-    """The settings that define a run (what a resumed run must repeat); `quiet` is not one."""
-    return {k: v for k, v in asdict(cfg).items() if k != "quiet"}
+def config_dict(cfg: TrainConfig, device: torch.device | None = None) -> dict:
+    """The settings that define a run (what a resumed run must repeat); `quiet` is not one.
+    With `device`: also the dtype the side step runs in there (`--precision auto` differs by
+    device, so a run is not resumed on a device that would change its arithmetic)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k != "quiet"}
+    if device is not None:
+        settings["step_dtype"] = "bfloat16" if uses_bf16(cfg.precision, device) else "float32"
+    return settings

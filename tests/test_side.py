@@ -426,9 +426,9 @@ def test_precision_flag_trains_in_bf16_on_a_cpu(t5_cache, tmp_path):
 
     cpu = torch.device("cpu")
     assert not uses_bf16("auto", cpu) and not uses_bf16("fp32", cpu) and uses_bf16("bf16", cpu)
-    run(_args("--cache", str(t5_cache), "--out", str(tmp_path / "fp32"), "--max-steps", "4", "--init", "magnitude"))
+    run(_args("--cache", str(t5_cache), "--out", str(tmp_path / "fp32"), "--max-steps", "4", "--init", "magnitude", "--device", "cpu"))
     summary = run(_args("--cache", str(t5_cache), "--out", str(tmp_path / "bf16"), "--max-steps", "4", "--init", "magnitude",
-                        "--precision", "bf16"))
+                        "--precision", "bf16", "--device", "cpu"))
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert config["identity"]["train"]["precision"] == "bf16"
     a, b = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
@@ -442,20 +442,76 @@ def test_bf16_is_refused_on_a_cpu_without_it(t5_cache, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
     with pytest.raises(Exception, match="no bfloat16 instructions") as err:
-        run(_args("--cache", str(t5_cache), "--out", str(tmp_path / "r"), "--max-steps", "1", "--precision", "bf16"))
+        run(_args("--cache", str(t5_cache), "--out", str(tmp_path / "r"), "--max-steps", "1", "--precision", "bf16", "--device", "cpu"))
     assert "use --precision fp32" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "r").exists()  # refused before the run folder was made
     assert train_module.uses_bf16("auto", torch.device("cpu")) is False
 
 
 def test_run_folder_from_before_the_precision_setting_is_still_the_same_run(t5_cache, tmp_path):
-    out = tmp_path / "r"
-    run_cli("side_train.run", "--cache", str(t5_cache), "--out", str(out), "--max-steps", "1", "--quiet")
+    out, flags = tmp_path / "r", ["--cache", str(t5_cache), "--max-steps", "1", "--quiet", "--device", "cpu"]
+    run_cli("side_train.run", *flags, "--out", str(out))
     config = json.loads((out / "config.json").read_text())
-    assert config["identity"]["train"].pop("precision") == "auto"  # as a folder written before the setting existed
+    assert config["identity"]["train"].pop("precision") == "auto"  # as a folder written before the settings existed
+    assert config["identity"]["train"].pop("step_dtype") == "float32"
     (out / "config.json").write_text(json.dumps(config))
-    again = run_cli("side_train.run", "--cache", str(t5_cache), "--out", str(out), "--max-steps", "1", "--quiet", check=False)
+    again = run_cli("side_train.run", *flags, "--out", str(out), check=False)
     assert_one_line_error(again, "already holds this finished run")  # recognised, not "a different run"
-    other = run_cli("side_train.run", "--cache", str(t5_cache), "--out", str(out), "--max-steps", "1", "--quiet",
-                    "--precision", "fp32", check=False)
+    other = run_cli("side_train.run", *flags, "--out", str(out), "--precision", "fp32", check=False)
     assert_one_line_error(other, "its train.precision is auto, the flags give fp32")
+
+
+def test_a_run_is_not_resumed_where_its_step_would_change_dtype(t5_cache, tmp_path, monkeypatch):
+    """--precision auto is float32 on a CPU and bf16 on a GPU: the same flags on another device are another run."""
+    from shared.errors import UserError
+    from side_train import train as train_module
+
+    args = ["--cache", str(t5_cache), "--max-steps", "1", "--device", "cpu", "--out", str(tmp_path / "r")]
+    run(_args(*args))
+    monkeypatch.setattr(train_module, "uses_bf16", lambda precision, device: precision != "fp32")  # as on a GPU
+    with pytest.raises(UserError, match="its train.step_dtype is float32, the flags give bfloat16"):
+        run(_args(*args))
+
+
+def test_losses_read_in_groups_log_the_same_lines(t5_cache, tmp_path, monkeypatch):
+    """On a GPU losses are read from the device several steps at a time; the log must not change
+    (same lines, same order, every line written before a checkpoint or an epoch's evaluation)."""
+    from side_train import train as train_module
+
+    common = ["--cache", str(t5_cache), "--epochs", "2", "--save-every", "3", "--device", "cpu"]
+    run(_args(*common, "--out", str(tmp_path / "each")))
+    real_init, checkpoints = train_module.TrainState.__init__, []
+
+    def grouped(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.loss_reads_every = 4
+
+    def checked_save(folder, model, optimizer, progress):  # every step up to the checkpoint is already logged
+        logged = [json.loads(line) for line in (tmp_path / "grouped" / "metrics.jsonl").read_text().splitlines()]
+        checkpoints.append((progress["step"], max(r["step"] for r in logged if r["type"] == "train")))
+        return real_save(folder, model, optimizer, progress)
+
+    real_save = train_module.save_checkpoint
+    monkeypatch.setattr(train_module.TrainState, "__init__", grouped)
+    monkeypatch.setattr(train_module, "save_checkpoint", checked_save)
+    run(_args(*common, "--out", str(tmp_path / "grouped")))
+    each, grouped_lines = ([{k: v for k, v in json.loads(line).items() if k != "epoch_seconds"}
+                            for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("each", "grouped"))
+    assert each == grouped_lines and len(losses(tmp_path / "each")) == 10
+    assert checkpoints and all(step == logged for step, logged in checkpoints)
+
+
+def test_magnitude_scores_are_float32_on_the_cpu_whatever_the_weights(tiny_t5):
+    """A backbone on a GPU runs in bf16: its magnitude scores must rank rows as float32 CPU
+    scores do, and live on the CPU where the side network is initialised."""
+    from transformers import T5ForConditionalGeneration
+
+    from side_train.prune import magnitude_scores
+
+    state = T5ForConditionalGeneration.from_pretrained(tiny_t5).state_dict()
+    rounded = {k: v.bfloat16() for k, v in state.items()}
+    scores = magnitude_scores(rounded)
+    expected = magnitude_scores({k: v.float() for k, v in rounded.items()})
+    assert scores.keys() == expected.keys() and "encoder.block.0.layer.0.SelfAttention.qkv" in scores
+    assert all(s.dtype == torch.float32 and s.device.type == "cpu" and torch.equal(s, expected[k]) for k, s in scores.items())
+    assert scores["shared.rows"].shape == (state["shared.weight"].shape[0],)
