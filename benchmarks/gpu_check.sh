@@ -35,7 +35,7 @@ python3 -c "import torch, zarr; print('torch', torch.__version__, 'cuda', torch.
 
 # 1. the GPU code paths: tests that use CUDA when it is there (tiers, autocast, pinned memory)
 # (not -x: every test reports; the MiniLM tests skip, its weights cannot be carried)
-step tests 15 python3 -m pytest -q -rs tests/test_streaming.py tests/test_side.py -k "not minilm"
+step tests 25 python3 -m pytest -q -rs tests/test_streaming.py tests/test_side.py -k "not minilm"
 # 2. issue 4: T5-large-shaped cached vs live epoch on the GPU (target >= 3x), GPU / RAM / disk tiers
 step stream 45 python3 benchmarks/bench_stream.py --shape t5-large --drop-layers 12 --device cuda --examples 2000 --work /tmp/stream-large
 # 3. issue 6: the CUDA memory table (max_memory_allocated), T5-base shape

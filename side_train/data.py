@@ -76,7 +76,9 @@ def gather_padded(store: torch.Tensor, offsets: np.ndarray, sequences: np.ndarra
     steps = torch.arange(width)
     mask = steps[None, :] < lengths[:, None]
     index = torch.where(mask, starts[:, None] + steps[None, :], torch.zeros((), dtype=torch.long))
-    return store[index.to(store.device)], mask.to(store.device)
+    if store.device.type == "cuda":  # a pageable copy would wait for the GPU to finish its queue
+        index, mask = index.pin_memory().to(store.device, non_blocking=True), mask.pin_memory().to(store.device, non_blocking=True)
+    return store[index], mask
 
 
 def pad_ids(values: np.ndarray, offsets: np.ndarray, sequences: np.ndarray, fill: int) -> torch.Tensor:

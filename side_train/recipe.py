@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from shared.backbones import Backbone, load_backbone
+from shared.backbones import Backbone, default_dtype, load_backbone
 from shared.cache_format import open_complete
 from shared.errors import UserError
 from shared.tasks import SPLITS, TaskSpec, load_task
@@ -95,9 +95,13 @@ def open_sources(args: argparse.Namespace, device: torch.device, splits: tuple[s
         model_name, revision = args.model, None
     live = args.live or not args.cache
     # cached: the backbone on the CPU for its config, tokenizer, LM head and pruned init only;
-    # --cache --live: in the dtype the cache was computed in, so live states equal the cached ones
-    dtype = torch.float32 if not live else getattr(torch, manifest["compute_dtype"]) if manifest is not None else None
-    backbone = load_backbone(model_name, device if live else torch.device("cpu"), dtype=dtype,
+    # --cache --live: live states must equal the cached ones, so the backbone must compute in
+    # the cache's dtype, which is this device's own (float32 on a CPU or an older GPU, else bf16)
+    if live and manifest is not None and manifest["compute_dtype"] != str(default_dtype(device)).removeprefix("torch."):
+        raise UserError(f"cache {args.cache} was computed in {manifest['compute_dtype']}, and this device computes in "
+                        f"{str(default_dtype(device)).removeprefix('torch.')}, so --live would not reproduce its states; "
+                        "run --cache --live on the kind of device that built the cache, or train live without --cache")
+    backbone = load_backbone(model_name, device if live else torch.device("cpu"), dtype=None if live else torch.float32,
                              revision=revision, trust_remote_code=args.trust_remote_code)
     if manifest is not None:
         found = backbone.info()
@@ -172,7 +176,7 @@ def default_reader_workers(device: torch.device | None = None) -> str | int:
     """How the disk tier reads where --reader is not given. On a few CPUs a CPU training step uses
     every core, and reads stolen from it on another thread stall the step's parallel regions as
     well: reading inline, between steps, costs the read time once (measured on 2 CPUs: disk/RAM
-    epoch 1.05-1.17x inline, 1.15-1.33x with a thread, 1.3x+ with a process). Beside a GPU the
+    epoch 0.95-1.06x inline, 1.03-1.19x with a thread, 1.4-1.6x with a process). Beside a GPU the
     CPU is free while the step runs, so a background thread overlaps the reads; with more CPUs,
     one reader process."""
     if (os.cpu_count() or 1) > 4:

@@ -115,6 +115,8 @@ def write_config(path: Path, identity: dict, args: argparse.Namespace, manifest:
 
 # settings added after run folders existed, with the value a folder written before had
 # (None: not recorded then, so the value the flags give now is taken)
+# (step_dtype: a folder from before it with --precision fp32 or bf16 has that dtype anyway; one
+# with auto ran in its device's default, unknown now, and resumes in this device's)
 LATER_SETTINGS = {"train": {"precision": "auto", "step_dtype": None}}
 
 

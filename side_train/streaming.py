@@ -126,10 +126,10 @@ class StreamingSplit:
             for item in range(len(dataset)):
                 yield from dataset[item][1]
             return
-        if self.workers == "thread":
+        if self.workers in ("thread", 0):
             yield from _threaded(dataset, pin=self.pin_memory)
             return
-        if self.workers > 0:
+        if isinstance(self.workers, int) and self.workers > 0:
             loader = torch.utils.data.DataLoader(
                 dataset, batch_size=None, shuffle=False, num_workers=self.workers, multiprocessing_context="spawn",
                 prefetch_factor=2, pin_memory=self.pin_memory,
@@ -137,7 +137,7 @@ class StreamingSplit:
             for _pool, batches in loader:
                 yield from batches
             return
-        raise ValueError(f"workers must be 'inline', 'thread' or a positive count, got {self.workers!r}")
+        raise ValueError(f"workers must be 'inline', 'thread' (or 0) or a positive count, got {self.workers!r}")
 
 
 def _threaded(dataset: PoolDataset, ahead: int = 2, pin: bool = False) -> Iterator[tuple[int, Batch]]:

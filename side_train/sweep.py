@@ -57,7 +57,8 @@ from side_train.train import TrainConfig, TrainState, config_dict, uses_bf16
 
 # run options a sweep fixes for all its configurations (the sweep's own flags or its data)
 FIXED_OPTIONS = {"cache", "out", "live", "overwrite", "quiet", "device", "model", "task", "data", "text_fields", "label_field",
-                 "label_kind", "max_length", "max_target_length", "limit", "trust_remote_code", "eval_mode", "tier", "reader_workers"}
+                 "label_kind", "max_length", "max_target_length", "limit", "trust_remote_code", "eval_mode", "tier", "reader_workers",
+                 "reader"}
 SIZE_OPTIONS = ("reduction", "drop_layers", "side_layers")  # what moves a point along the plots' x axes
 
 
@@ -230,10 +231,10 @@ def make_members(args: argparse.Namespace, rest: list[str], sources, configurati
             # given literally, or (abbreviated) to a value other than the default
             if any(given == flag or given.startswith(flag + "=") for given in rest) or shared.get(key) != defaults.get(key):
                 raise UserError(f"configuration {name}: {key!r} is both in the grid and a shared flag ({flag}); give it in one place")
-            if key not in known:
-                raise UserError(f"configuration {name}: {key!r} is not a side_train.run option (see python -m side_train.run --help)")
             if key in FIXED_OPTIONS:
                 raise UserError(f"configuration {name}: {key!r} is fixed for the whole sweep; give it once, outside the grid")
+            if key not in known:
+                raise UserError(f"configuration {name}: {key!r} is not a side_train.run option (see python -m side_train.run --help)")
         if name in names:
             raise UserError(f"two configurations are both named {name!r}; give them distinct 'name' entries")
         names.add(name)

@@ -9,6 +9,7 @@ Either way the run folder gets `metrics.jsonl` and `checkpoint/`, and the same n
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from contextlib import contextmanager
@@ -171,7 +172,8 @@ class TrainState:
         return self.progress["epoch"] <= epoch < self.cfg.epochs and not self.done
 
     def step(self, batch: Batch, epoch: int, index: int, num_batches: int) -> float:
-        """One optimizer step on `batch` (already on the device); returns the loss."""
+        """One optimizer step on `batch` (already on the device); returns the last loss read from
+        the device (on a GPU up to LOSS_READS_EVERY - 1 steps old; nan before the first read)."""
         cfg = self.cfg
         lr = lr_at(self.step_count, cfg, self.total_steps)
         for group in self.optimizer.param_groups:
@@ -216,12 +218,12 @@ class TrainState:
         """Read the pending steps' losses from the device (one wait) and log them."""
         if not self.pending:
             return
-        values = torch.stack([loss for _, loss in self.pending]).float().tolist()
-        for (record, _), value in zip(self.pending, values, strict=True):
+        pending, self.pending = self.pending, []  # taken first: an interrupted write never repeats a line
+        values = torch.stack([loss for _, loss in pending]).float().tolist()
+        for (record, _), value in zip(pending, values, strict=True):
             record["loss"] = value
             self.log.write(json.dumps(record) + "\n")
         self.last_loss = values[-1]
-        self.pending.clear()
 
     def end_epoch(self, epoch: int, epoch_seconds: float, eval_sources: dict) -> dict:
         """Evaluate, log, keep the best model, checkpoint; returns the eval record."""
@@ -283,7 +285,8 @@ def train(
                 seen += batch.size
                 rate = seen / (time.perf_counter() - t0)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", ex_s=f"{rate:,.0f}", refresh=False)
+                shown = {} if math.isnan(loss) else {"loss": f"{loss:.4f}"}  # nan: not read from the GPU yet
+                bar.set_postfix(epoch=epoch, **shown, ex_s=f"{rate:,.0f}", refresh=False)
             state.write_losses()  # waits for the last steps, so the epoch's time includes them
             record = state.end_epoch(epoch, time.perf_counter() - t0, eval_sources)
             if not cfg.quiet:

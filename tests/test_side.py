@@ -515,3 +515,15 @@ def test_magnitude_scores_are_float32_on_the_cpu_whatever_the_weights(tiny_t5):
     assert scores.keys() == expected.keys() and "encoder.block.0.layer.0.SelfAttention.qkv" in scores
     assert all(s.dtype == torch.float32 and s.device.type == "cpu" and torch.equal(s, expected[k]) for k, s in scores.items())
     assert scores["shared.rows"].shape == (state["shared.weight"].shape[0],)
+
+
+def test_cache_live_refuses_a_device_that_computes_in_another_dtype(t5_cache, tmp_path, monkeypatch):
+    """--cache --live must reproduce the cached states: a float32 (CPU) cache is not rerun in bf16, nor the reverse."""
+    from shared.errors import UserError
+
+    built = json.loads((t5_cache / "manifest.json").read_text())["compute_dtype"]
+    other = "bfloat16" if built == "float32" else "float32"
+    monkeypatch.setattr("side_train.recipe.default_dtype", lambda device: getattr(torch, other))  # another kind of device
+    with pytest.raises(UserError, match=f"computed in {built}, and this device computes in {other}"):
+        run(_args("--cache", str(t5_cache), "--live", "--max-steps", "1", "--out", str(tmp_path / "r")))
+    assert not (tmp_path / "r").exists()

@@ -173,6 +173,7 @@ def test_configs_file_and_errors(cache, tmp_path, capsys):
         sweep_mod.parse_bytes("lots")
     base = ["--cache", str(cache), "--out", str(tmp_path / "bad"), "--quiet"]
     for grid_item, message in (("width=1,2", "not a side_train.run option"), ("limit=5,6", "fixed for the whole sweep"),
+                               ("reader=inline,thread", "fixed for the whole sweep"),
                                ("reduction=5,8", "does not divide"), ("reduction=8,abc", "invalid int value: 'abc'")):
         assert sweep_mod.main([*base, "--grid", grid_item]) == 2
         err = capsys.readouterr().err
