@@ -196,7 +196,7 @@ def main() -> None:
     # two rounds, interleaved, to see the noise
     for r in range(2):
         results[f"ram_{r}"] = epoch_seconds(cache, work / "ram", "--tier", "ram")
-        results[f"disk_{r}"] = epoch_seconds(cache, work / "disk", "--tier", "disk", "--reader-workers", "1")
+        results[f"disk_{r}"] = epoch_seconds(cache, work / "disk", "--tier", "disk", "--reader", "1")
         results[f"disk_thread_{r}"] = epoch_seconds(cache, work / "disk0", "--tier", "disk", "--reader", "thread")
         results[f"disk_inline_{r}"] = epoch_seconds(cache, work / "disk0", "--tier", "disk", "--reader", "inline")
         if args.device.startswith("cuda"):
