@@ -52,8 +52,14 @@ def magnitude_importance(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _fit_probe(features: torch.Tensor, labels: torch.Tensor, spec: TaskSpec) -> torch.nn.Linear:
-    """A linear head on frozen features (LBFGS), so encoders get a label loss to differentiate."""
+    """A linear head on frozen features (LBFGS), so encoders get a label loss to differentiate.
+
+    It starts from zeros, not from torch's global RNG: the problem is convex, and a random start
+    made the scores, so the pruned init and the trained network, differ from run to run."""
     head = torch.nn.Linear(features.shape[1], spec.num_labels).to(features.device, features.dtype)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
     optimizer = torch.optim.LBFGS(head.parameters(), max_iter=100, line_search_fn="strong_wolfe")
     loss_fn = _loss_fn(spec)
 

@@ -369,3 +369,23 @@ def test_resuming_a_t5_cache_without_test_split_and_an_interrupted_overwrite(tmp
     assert extract_here(capsys, *base, "--out", str(fresh), "--overwrite")[0] == 0
     assert read_manifest(fresh)["complete"] and not (tmp_path / "fresh.overwrite").exists()
     assert {p: p.stat().st_mtime_ns for p in (fresh / "train").rglob("*") if p.is_file()} == train_files  # resumed, not redone
+
+
+def test_fisher_scores_of_an_encoder_do_not_depend_on_the_global_rng(tmp_path):
+    """Encoders get their label loss from a fitted linear probe; its start must not be random,
+    or the scores (and every pruned init from them) differ between runs of the same command."""
+    import torch
+    from make_tiny_t5 import make_random_encoder
+
+    from backbone_cache.extract import Extraction, parse_args
+    from backbone_cache.importance import compute_importance
+
+    model = make_random_encoder(tmp_path / "bert", d_model=32, layers=2, heads=2, d_ff=64)
+    extraction = Extraction(parse_args(["--model", str(model), "--out", str(tmp_path / "cache"), "--limit", "16",
+                                        "--splits", "train", "--quiet"]))
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        runs.append(compute_importance(extraction.backbone, extraction.spec, extraction.plans["train"], "fisher", 8, quiet=True))
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert any(v.abs().sum() > 0 for v in runs[0].values())
