@@ -12,15 +12,6 @@ top=$(git rev-parse --show-toplevel)
 cd "$top"
 "$top/../shared/tools/device-wheels.sh" scattertext==0.2.2
 mkdir -p .whl/tokenizer
-python3 - <<'PY'
-import shutil
-from pathlib import Path
-
-from shared.backbones import default_model_dir
-
-for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-    if (default_model_dir() / name).exists():
-        shutil.copy(default_model_dir() / name, Path(".whl/tokenizer") / name)
-PY
+python3 -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from make_tiny_t5 import copy_tokenizer; copy_tokenizer(Path('.whl/tokenizer'))"
 ls .whl/tokenizer
 du -sh .whl

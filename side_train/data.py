@@ -38,18 +38,19 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         """The batch on `device`; to a GPU through pinned memory, without waiting for the copy."""
         non_blocking = device.type == "cuda"
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None and non_blocking and value.device.type == "cpu" and not value.is_pinned():
-                value = value.pin_memory()
-            moved[f.name] = value.to(device, non_blocking=non_blocking) if value is not None else None
-        return Batch(**moved)
+        source = self.pin_memory() if non_blocking else self
+        return Batch(**{f.name: None if getattr(source, f.name) is None else getattr(source, f.name).to(device, non_blocking=non_blocking)
+                        for f in fields(self)})
 
     def pin_memory(self) -> Batch:
-        """The batch in page-locked host memory (torch's DataLoader calls this in its pinning thread)."""
-        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).pin_memory()
-                        for f in fields(self)})
+        """The batch's host tensors in page-locked memory (those already pinned or on a GPU are kept);
+        torch's DataLoader calls this in its pinning thread."""
+        def pinned(value: torch.Tensor | None) -> torch.Tensor | None:
+            if value is None or value.device.type != "cpu" or value.is_pinned():
+                return value
+            return value.pin_memory()
+
+        return Batch(**{f.name: pinned(getattr(self, f.name)) for f in fields(self)})
 
     @property
     def size(self) -> int:

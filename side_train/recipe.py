@@ -67,7 +67,7 @@ def add_side_arguments(p: argparse.ArgumentParser) -> None:
                    help="dropout on the attention probabilities (default: --dropout, as the reference); 0 lets fused "
                         "attention kernels run and makes the side step much cheaper at long lengths")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="side step arithmetic: bf16 autocast or fp32 (auto: bf16 on CUDA, fp32 on a CPU; "
+                   help="side step arithmetic: bf16 autocast or fp32 (auto: bf16 on a GPU with bf16 units, else fp32; "
                         "bf16 on a CPU with AVX512-BF16 or AMX: epochs 1.3-1.45x faster)")
     g.add_argument("--recompute", action="store_true",
                    help="activation checkpointing of the side blocks: far less activation memory for about one more side forward")
@@ -97,9 +97,10 @@ def open_sources(args: argparse.Namespace, device: torch.device, splits: tuple[s
     # cached: the backbone on the CPU for its config, tokenizer, LM head and pruned init only;
     # --cache --live: live states must equal the cached ones, so the backbone must compute in
     # the cache's dtype, which is this device's own (float32 on a CPU or an older GPU, else bf16)
-    if live and manifest is not None and manifest["compute_dtype"] != str(default_dtype(device)).removeprefix("torch."):
+    computes_in = str(default_dtype(device)).removeprefix("torch.")
+    if live and manifest is not None and manifest["compute_dtype"] != computes_in:
         raise UserError(f"cache {args.cache} was computed in {manifest['compute_dtype']}, and this device computes in "
-                        f"{str(default_dtype(device)).removeprefix('torch.')}, so --live would not reproduce its states; "
+                        f"{computes_in}, so --live would not reproduce its states; "
                         "run --cache --live on the kind of device that built the cache, or train live without --cache")
     backbone = load_backbone(model_name, device if live else torch.device("cpu"), dtype=None if live else torch.float32,
                              revision=revision, trust_remote_code=args.trust_remote_code)
