@@ -1,15 +1,17 @@
 """Importance scores for the side network's pruning-based init (notes §1.8), stored per row.
 
-- fisher: squared gradients of the label loss, summed over `samples` training examples
-  taken one at a time in eval mode (the reference's recipe). T5 uses its LM loss on the
-  target text. Encoders have no task head, so a linear probe is fitted on the frozen
-  mean-pooled last layer first and the Fisher is taken of the probe's loss.
+The family says which parameters are scored (`Backbone.score_targets`) and what loss Fisher
+importance differentiates (`Backbone.fisher_objective`: T5's LM loss on the target text; for
+an encoder, the loss of a linear probe fitted on its frozen pooled states).
+
+- fisher: squared per-example gradients of that loss, summed over `samples` training
+  examples drawn by a seeded permutation, in eval mode (the reference's recipe);
 - magnitude: |W|.
 
-Per weight matrix W [out, in] we store the L1 of its importance over each row ([out]);
-for the word embeddings [V, d] the L1 over the vocabulary of each hidden dim ([d]); and
-for every attention the L1 over each row of the elementwise product of the q, k and v
-importances (`<attention>.qkv`), which is how the reference scores attention rows.
+Per target we store the L1 of its importance over each row (`<linear>.rows`), over the
+vocabulary for each hidden dim of the word embeddings (`<embedding>.columns`), and for every
+attention the L1 over each row of the elementwise product of the q, k and v importances
+(`<attention>.qkv`), which is how the reference scores attention rows.
 """
 
 from __future__ import annotations
@@ -20,116 +22,64 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shared.backbones import Backbone
+from shared.families import Backbone, ScoreTargets
 from shared.tasks import TaskSpec
 
-QKV_NAMES = (("q", "k", "v"), ("query", "key", "value"))
 
-
-def row_scores(model: torch.nn.Module, importance: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Reduce full importance tensors to per-row scores (see the module docstring)."""
-    embeddings = model.get_input_embeddings().weight
-    scores: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters():
-        if param.dim() != 2 or name not in importance:
-            continue
-        if param is embeddings:
-            scores[name.removesuffix(".weight") + ".columns"] = importance[name].abs().sum(0)
-        else:
-            scores[name.removesuffix(".weight") + ".rows"] = importance[name].abs().sum(1)
-    for module_name, module in model.named_modules():
-        for q, k, v in QKV_NAMES:
-            if all(hasattr(module, n) and isinstance(getattr(module, n), torch.nn.Linear) for n in (q, k, v)):
-                keys = [f"{module_name}.{n}.weight" for n in (q, k, v)]
-                if all(key in importance for key in keys):
-                    product = importance[keys[0]] * importance[keys[1]] * importance[keys[2]]
-                    scores[f"{module_name}.qkv"] = product.abs().sum(1)
+def reduce_scores(importance: dict[str, torch.Tensor], targets: ScoreTargets) -> dict[str, torch.Tensor]:
+    """Full importance tensors (by module name) -> the stored per-row scores of `targets`."""
+    scores = {f"{name}.rows": importance[name].abs().sum(1) for name in targets.rows}
+    scores.update({f"{name}.columns": importance[name].abs().sum(0) for name in targets.columns})
+    for attention, q, k, v in targets.qkv:
+        scores[f"{attention}.qkv"] = (importance[q] * importance[k] * importance[v]).abs().sum(1)
     return {k: v.float().contiguous().cpu() for k, v in scores.items()}
 
 
-def magnitude_importance(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().abs() for name, p in model.named_parameters() if p.dim() == 2}
+def target_weights(model: torch.nn.Module, targets: ScoreTargets) -> dict[str, torch.Tensor]:
+    """The weight of every module `targets` names."""
+    names = {*targets.rows, *targets.columns, *(n for group in targets.qkv for n in group[1:])}
+    return {name: model.get_submodule(name).weight for name in sorted(names)}
 
 
-def _fit_probe(features: torch.Tensor, labels: torch.Tensor, spec: TaskSpec) -> torch.nn.Linear:
-    """A linear head on frozen features (LBFGS), so encoders get a label loss to differentiate.
-
-    It starts from zeros, not from torch's global RNG: the problem is convex, and a random start
-    made the scores, so the pruned init and the trained network, differ from run to run."""
-    head = torch.nn.Linear(features.shape[1], spec.num_labels).to(features.device, features.dtype)
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.zero_()
-    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=100, line_search_fn="strong_wolfe")
-    loss_fn = _loss_fn(spec)
-
-    def closure():
-        optimizer.zero_grad()
-        loss = loss_fn(head(features), labels) + 1e-3 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return head.requires_grad_(False)
+def magnitude_scores(backbone: Backbone) -> dict[str, torch.Tensor]:
+    """|W| scores, float32 on the CPU whatever the weights' device and dtype (one weight at a time)."""
+    targets = backbone.score_targets()
+    weights = target_weights(backbone.model, targets)
+    return reduce_scores({name: w.detach().float().cpu().abs() for name, w in weights.items()}, targets)
 
 
-def _loss_fn(spec: TaskSpec):
-    if spec.label_kind == "regression":
-        return lambda out, y: torch.nn.functional.mse_loss(out.squeeze(-1), y.float())
-    return lambda out, y: torch.nn.functional.cross_entropy(out, y.long())
+def fisher_rows(num_examples: int, samples: int) -> np.ndarray:
+    """The Fisher samples: the first `samples` of a seeded permutation of the split."""
+    return np.random.default_rng(0).permutation(num_examples)[: min(samples, num_examples)]
 
 
-def fisher_importance(backbone: Backbone, spec: TaskSpec, plan, samples: int, quiet: bool = False) -> dict[str, torch.Tensor]:
-    """Sum of squared gradients of the label loss, one example at a time, in eval mode."""
-    model, device = backbone.model, backbone.device
-    n = min(samples, plan.num_examples)
-    rows = np.random.default_rng(0).permutation(plan.num_examples)[:n]
-    params = {name: p for name, p in model.named_parameters() if p.dim() == 2}
-    fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
-    probe = None
-    if backbone.family == "encoder":
-        with torch.inference_mode():
-            pooled = []
-            for i in rows:
-                ids = torch.tensor([plan.source_ids[i]], device=device)
-                pooled.append(model(input_ids=ids).last_hidden_state.mean(1).float())
-        features = torch.cat(pooled).clone()
-        labels = torch.tensor([plan.examples[i].label for i in rows], device=device)
-        with torch.enable_grad():
-            probe = _fit_probe(features, labels, spec)
-    loss_fn = _loss_fn(spec)
-    for p in params.values():
-        p.requires_grad_(True)
+def fisher_scores(backbone: Backbone, spec: TaskSpec, plan, samples: int, quiet: bool = False) -> dict[str, torch.Tensor]:
+    """Fisher importance of the family's targets over `samples` training examples."""
+    device = backbone.device
+    rows = fisher_rows(plan.num_examples, samples)
+    labels = torch.tensor([float(plan.examples[i].label) for i in rows])
+    chunks = [rows[i : i + 32] for i in range(0, len(rows), 32)]
+    objective = backbone.fisher_objective([plan.token_batch(c, device) for c in chunks],
+                                          [labels[i : i + len(c)] for i, c in zip(range(0, len(rows), 32), chunks)], spec)
+    targets = backbone.score_targets()
+    weights = target_weights(backbone.model, targets)
+    fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    for w in weights.values():
+        w.requires_grad_(True)
     try:
-        for i in tqdm(rows, desc="fisher", unit="ex", disable=quiet, dynamic_ncols=True):
-            ids = torch.tensor([plan.source_ids[i]], device=device)
-            model.zero_grad(set_to_none=True)
+        for n, i in enumerate(tqdm(rows, desc="fisher", unit="ex", disable=quiet, dynamic_ncols=True)):
+            for w in weights.values():
+                w.grad = None
             with torch.enable_grad():
-                if backbone.family == "t5":
-                    labels = torch.tensor([plan.target_ids[i]], device=device)
-                    loss = model(input_ids=ids, labels=labels).loss
-                else:
-                    kwargs = {}
-                    if plan.token_type_ids is not None:
-                        kwargs["token_type_ids"] = torch.tensor([plan.token_type_ids[i]], device=device)
-                    pooled = model(input_ids=ids, **kwargs).last_hidden_state.mean(1).float()
-                    loss = loss_fn(probe(pooled), torch.tensor([plan.examples[i].label], device=device))
-                loss.backward()
-            for name, p in params.items():
-                if p.grad is not None:
-                    fisher[name] += p.grad.float() ** 2
+                objective(plan.token_batch([i], device), labels[n : n + 1]).sum().backward()
+            for name, w in weights.items():
+                if w.grad is not None:
+                    fisher[name] += w.grad.float() ** 2
     finally:
-        for p in params.values():
-            p.requires_grad_(False)
-            p.grad = None
-    return fisher
-
-
-def compute_importance(backbone: Backbone, spec: TaskSpec, plan, kind: str, samples: int, quiet: bool = False) -> dict[str, torch.Tensor]:
-    """Per-row scores of the given kind ("fisher" or "magnitude")."""
-    if kind == "magnitude":
-        return row_scores(backbone.model, magnitude_importance(backbone.model))
-    return row_scores(backbone.model, fisher_importance(backbone, spec, plan, samples, quiet))
+        for w in weights.values():
+            w.requires_grad_(False)
+            w.grad = None
+    return reduce_scores(fisher, targets)
 
 
 def save_importance(path: Path, scores: dict[str, torch.Tensor], kind: str) -> None:

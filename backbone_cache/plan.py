@@ -1,9 +1,10 @@
 """The extraction plan: tokenized examples in storage order, batches, offsets.
 
-Examples are stored sorted by source length (longest first, stable), so batches are
-length-bucketed and a batch's tokens are one contiguous range of every stack. The plan
-depends only on the data and the flags, so a resumed run replays exactly the same
-batches and writes the same bits.
+Examples are stored sorted by the length of their primary stack (longest first, stable),
+so batches are length-bucketed and a batch's tokens are one contiguous range of every
+stack. Per-candidate stacks hold K sequences per example, example-major. The plan depends
+only on the data and the flags, so a resumed run replays exactly the same batches and
+writes the same bits.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
-from shared.backbones import Backbone
 from shared.errors import UserError
+from shared.families import Backbone, StackSpec
 from shared.tasks import Example, TaskSpec
+from shared.tokens import TokenBatch, pad_stack
 
 
 @dataclass
@@ -23,9 +26,8 @@ class SplitPlan:
 
     name: str
     examples: list[Example]  # storage order
-    source_ids: list[list[int]]
-    token_type_ids: list[list[int]] | None
-    target_ids: list[list[int]] | None = None  # T5 only
+    stacks: list[StackSpec]
+    inputs: dict[str, dict[str, list[list[int]]]]  # stack -> id arrays, one sequence per stored sequence
     batches: list[range] = field(default_factory=list)
     offsets: dict[str, np.ndarray] = field(default_factory=dict)  # per stack
     dataset_index: np.ndarray | None = None  # position of each stored example in the split
@@ -34,45 +36,51 @@ class SplitPlan:
     def num_examples(self) -> int:
         return len(self.examples)
 
+    def per_example(self, stack: str) -> int:
+        """Sequences per example in `stack` (1, or K for a per-candidate stack)."""
+        return (len(self.offsets[stack]) - 1) // self.num_examples
+
+    def sequences(self, stack: str, rows: np.ndarray | range) -> np.ndarray:
+        """The stored sequence indices of `rows` in `stack` (example-major for per-candidate stacks)."""
+        rows, k = np.asarray(rows, dtype=np.int64), self.per_example(stack)
+        return rows if k == 1 else (rows[:, None] * k + np.arange(k)[None, :]).reshape(-1)
+
+    def token_batch(self, rows: np.ndarray | range, device: torch.device, stacks: list[str] | None = None) -> TokenBatch:
+        """The padded ids of `rows` for `stacks` (default: every stack), on `device`."""
+        out: TokenBatch = {}
+        for stack in stacks or list(self.inputs):
+            sequences = self.sequences(stack, rows)
+            out[stack] = pad_stack({name: [values[i] for i in sequences] for name, values in self.inputs[stack].items()}, device)
+        return out
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens of each example's primary stack, in storage order."""
+        return np.diff(self.offsets[self.stacks[0].name])
+
 
 def offsets_from_lengths(lengths: list[int] | np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))]).astype(np.int64)
 
 
-def plan_split(
-    name: str,
-    examples: list[Example],
-    spec: TaskSpec,
-    backbone: Backbone,
-    max_length: int,
-    max_target_length: int,
-    batch_size: int,
-    candidate_ids: list[list[int]] | None,
-) -> SplitPlan:
+def plan_split(name: str, examples: list[Example], spec: TaskSpec, backbone: Backbone, max_length: int, max_target_length: int,
+               batch_size: int, with_candidates: bool) -> SplitPlan:
     """Tokenize a split, order it longest first, and cut it into batches."""
     if not examples:
         raise UserError(f"split {name!r} holds no examples; check the data or --limit")
-    texts = [ex.texts for ex in examples]
-    sources = [spec.source_text(ex) for ex in examples]
-    tokens = backbone.tokenize_sources(texts, sources, max_length)
-    lengths = np.array([len(ids) for ids in tokens["input_ids"]])
+    stacks = backbone.stacks(with_candidates)
+    tokens = backbone.tokenize(examples, spec, max_length, max_target_length)
+    primary = stacks[0].name
+    lengths = np.array([len(ids) for ids in tokens[primary]["input_ids"]])
     if lengths.min() == 0:
         raise UserError(f"split {name!r} has an example with no tokens; drop empty texts")
     order = np.argsort(-lengths, kind="stable")
-    plan = SplitPlan(
-        name=name,
-        examples=[examples[i] for i in order],
-        source_ids=[tokens["input_ids"][i] for i in order],
-        token_type_ids=[tokens["token_type_ids"][i] for i in order] if "token_type_ids" in tokens else None,
-        dataset_index=order.astype(np.int64),
-    )
+    inputs = {stack: {k: [v[i] for i in order] for k, v in arrays.items()} for stack, arrays in tokens.items()}
+    if with_candidates:
+        for stack, arrays in backbone.candidate_inputs(spec, max_target_length).items():
+            inputs[stack] = {k: v * len(order) for k, v in arrays.items()}
+    plan = SplitPlan(name=name, examples=[examples[i] for i in order], stacks=stacks, inputs=inputs,
+                     dataset_index=order.astype(np.int64))
     plan.batches = [range(s, min(s + batch_size, len(order))) for s in range(0, len(order), batch_size)]
-    plan.offsets["encoder"] = offsets_from_lengths(lengths[order])
-    if backbone.family == "t5":
-        targets = [spec.target_text(ex.label) for ex in plan.examples]
-        plan.target_ids = backbone.tokenize_targets(targets, max_target_length)
-        plan.offsets["decoder"] = offsets_from_lengths([len(t) for t in plan.target_ids])
-        if candidate_ids is not None:
-            per_example = [len(c) for c in candidate_ids]
-            plan.offsets["candidates"] = offsets_from_lengths(per_example * len(order))
+    plan.offsets = {s.name: offsets_from_lengths([len(x) for x in inputs[s.name]["input_ids"]]) for s in stacks}
     return plan

@@ -9,7 +9,6 @@ same batches as extraction, and must match bit for bit.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from shared.cache_format import StackReader, bf16_bits, check_files, read_examples, read_manifest, safe_name
+from shared.cli import Parser
 from shared.errors import UserError, cli_entry
 
 _EXPONENT = np.uint16(0x7F80)  # bf16 exponent bits; all ones means Inf or NaN
@@ -45,13 +45,12 @@ def _check_values(cache_dir: Path, manifest: dict, bar: tqdm) -> None:
 
 
 def check_tables(cache_dir: Path, manifest: dict) -> None:
-    k = len(manifest["candidates"] or [])
     for split, split_meta in manifest["splits"].items():
         rows = read_examples(cache_dir, split).num_rows
         if rows != split_meta["num_examples"]:
             raise UserError(f"{split}/examples.parquet has {rows} rows, the manifest says {split_meta['num_examples']}")
         for stack, meta in split_meta["stacks"].items():
-            want = rows * k if stack == "candidates" else rows
+            want = rows * meta["sequences_per_example"]
             if meta["num_sequences"] != want:
                 raise UserError(f"{split}/{stack} has {meta['num_sequences']} sequences, expected {want}")
     info = manifest.get("importance")
@@ -68,21 +67,18 @@ def check_tables(cache_dir: Path, manifest: dict) -> None:
 
 def check_sample(cache_dir: Path, manifest: dict, samples: int, seed: int, device: str) -> int:
     """Recompute `samples` random examples in their extraction batches; demand identical bits."""
-    from backbone_cache.extract import Extraction
+    from backbone_cache.extraction import ExtractConfig, Extraction
+    from shared.config import DataConfig, ModelConfig
 
-    source = manifest.get("data_source", {})
-    storage_layers = next(iter(manifest["splits"].values()))["stacks"]["encoder"]["layers"]
-    args = argparse.Namespace(
-        model=None if manifest["model"]["name"].endswith("(embedded)") else manifest["model"]["name"],
-        revision=manifest["model"].get("revision"), task=source.get("task"),
-        data=[f"{k}={v}" for k, v in source.get("data", {}).items()], text_fields=source.get("text_fields", ""),
-        label_field=source.get("label_field", "label"), label_kind=source.get("label_kind", "class"), out=str(cache_dir),
-        splits=",".join(manifest["splits"]), max_length=manifest["max_length"], max_target_length=manifest["max_target_length"],
-        batch_size=manifest["batch_size"], device=device, limit=manifest["limit"], layers=",".join(map(str, storage_layers)),
-        codec=manifest["storage"]["codec"], chunk_mib=1.0, shard_mib=1.0, importance="none", fisher_samples=1,
-        overwrite=False, trust_remote_code=False, quiet=True,
+    name = manifest["model"]["name"]
+    storage_layers = next(iter(manifest["splits"].values()))["stacks"]
+    config = ExtractConfig(
+        out=str(cache_dir), model=ModelConfig(None if name.endswith("(embedded)") else name, manifest["model"].get("revision")),
+        data=DataConfig.from_json(manifest["data_source"]), splits=list(manifest["splits"]), batch_size=manifest["batch_size"],
+        device=device, layers=",".join(map(str, next(iter(storage_layers.values()))["layers"])),
+        codec=manifest["storage"]["codec"], chunk_mib=1.0, shard_mib=1.0, init="random", quiet=True,
     )
-    extraction = Extraction(args)
+    extraction = Extraction(config)
     if extraction.info.config_fingerprint != manifest["model"]["config_fingerprint"]:
         raise UserError("the model loaded now differs from the one the cache was built with; cannot recompute samples")
     compute = str(extraction.backbone.dtype).removeprefix("torch.")
@@ -93,20 +89,20 @@ def check_sample(cache_dir: Path, manifest: dict, samples: int, seed: int, devic
     checked = 0
     for split, plan in extraction.plans.items():
         picks = rng.choice(plan.num_examples, size=min(samples, plan.num_examples), replace=False)
-        for batch_index in sorted({int(p) // args.batch_size for p in picks}):
+        for batch_index in sorted({int(p) // config.batch_size for p in picks}):
             rows = plan.batches[batch_index]
             fresh = extraction.forward_batch(plan, rows)
             for stack, states in fresh.items():
                 bits = bf16_bits(states)
                 reader = StackReader(cache_dir, split, stack, manifest["splits"][split]["stacks"][stack])
-                k = len(extraction.candidate_ids) if stack == "candidates" else 1
+                k = plan.per_example(stack)
                 first, last = int(plan.offsets[stack][rows.start * k]), int(plan.offsets[stack][rows.stop * k])
                 stored = reader.read_tokens(first, last)
                 bits = reader.requantize(first, bits)
                 if not np.array_equal(stored, bits):
                     raise UserError(f"{split}/{stack}: recomputed states of batch {batch_index} differ from the cache; "
                                     "the cache does not match this model and data")
-            checked += len([p for p in picks if int(p) // args.batch_size == batch_index])
+            checked += len([p for p in picks if int(p) // config.batch_size == batch_index])
     return checked
 
 
@@ -130,7 +126,7 @@ def verify(cache_dir: Path, sample: int = 0, seed: int = 0, device: str = "auto"
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m backbone_cache.verify", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m backbone_cache.verify", description=__doc__.split("\n")[0])
     p.add_argument("cache", help="cache folder")
     p.add_argument("--sample", type=int, default=0, help="recompute N random examples per split with the backbone")
     p.add_argument("--seed", type=int, default=0)

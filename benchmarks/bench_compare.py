@@ -40,15 +40,18 @@ def breakdown(folder: Path, method: str) -> int:
     import numpy as np
     import torch
 
-    from side_train import compare as C
+    from side_train import compare_run as R
+    from side_train.compare import parse_args
+    from side_train.families import side_family
 
-    args = C.parse_args(["--model", str(folder), "--random-init", "--task", "synthetic", "--batch-size", "100",
-                         "--max-length", "128", "--memory-on", "meta", "--drop-layers", "3"])
+    config = parse_args(["--model", str(folder), "--random-init", "--task", "synthetic", "--batch-size", "100",
+                         "--max-length", "128", "--memory-on", "meta", "--drop-layers", "3", "--methods", method])
     meta = torch.device("meta")
-    reference = C.fresh_backbone(args, meta)
-    spec, plans = C.synthetic_plans(reference, 128, 100, args.seed)
-    batch = C.token_batch(plans["train"], np.arange(100), reference).to(meta)
-    memory, counter = C.measure_memory(C.prepare(method, args, spec, meta), batch)
+    reference = R.fresh_backbone(config, meta)
+    spec, plans = R.synthetic_plans(reference, 128, 100, config.seed)
+    stacks = side_family(reference.family).train_stacks
+    batch = R.token_inputs(plans["train"], np.arange(100), stacks).to(meta)
+    memory, counter = R.measure_memory(R.prepare(method, config, spec, meta), batch)
     print(f"{method}: {memory.saved_bytes / 2**30:.3f} GiB saved in {memory.saved_storages} storages; largest groups:")
     for nbytes, storages, (shape, dtype, node) in counter.largest(12):
         print(f"  {nbytes / 2**20:9.1f} MiB  {storages:3d} x {list(shape)} {dtype} ({node})")

@@ -89,7 +89,7 @@ def extract_args(out: Path, args: argparse.Namespace, codec: str, chunk_mib: flo
     argv = ["--out", str(out), "--splits", "train", "--limit", str(args.examples), "--batch-size", str(args.batch_size),
             *(["--model", args.model] if args.model else []),
             "--codec", codec, "--chunk-mib", str(chunk_mib), "--shard-mib", str(shard_mib),
-            "--importance", "none", "--device", args.device, "--quiet"]
+            "--init", "random", "--device", args.device, "--quiet"]
     return parse_args(argv)
 
 

@@ -41,7 +41,7 @@ def main() -> None:
     for precision in ("bf16", "fp8", "int8"):
         cache = work / precision
         subprocess.run([sys.executable, "-m", "backbone_cache.extract", "--out", str(cache), "--limit", str(args.limit),
-                        "--importance", "magnitude", "--precision", precision, "--quiet"], cwd=REPO, check=True)
+                        "--init", "magnitude", "--storage", precision, "--quiet"], cwd=REPO, check=True)
         caches[precision] = cache
     reference = caches["bf16"]
     m = read_manifest(reference)

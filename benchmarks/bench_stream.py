@@ -115,7 +115,7 @@ def codec_comparison(args: argparse.Namespace, model: Path, data: list[str]) -> 
     for codec in codecs:
         caches[codec] = work / f"cache-{codec}"
         sh("backbone_cache.extract", "--model", str(model), "--out", str(caches[codec]), "--limit", str(args.examples),
-           "--splits", "train,validation", "--importance", "none", "--quiet", "--device", args.device, "--codec", codec, *data)
+           "--splits", "train,validation", "--init", "random", "--quiet", "--device", args.device, "--codec", codec, *data)
         results[f"{codec}_train_hidden_bytes"] = disk_bytes(caches[codec] / "train" / "encoder" / "hidden")
     for r in range(args.rounds):
         results[f"ram_{r}"] = epoch_seconds(caches[codecs[0]], work / "ram", "--tier", "ram", *precision)
@@ -184,7 +184,7 @@ def main() -> None:
         print(json.dumps(codec_comparison(args, model, data), indent=1))
         return
     sh("backbone_cache.extract", "--model", str(model), "--out", str(cache), "--limit", str(args.examples),
-       "--splits", "train,validation", "--importance", "none", "--quiet", "--device", args.device, *codec, *data)
+       "--splits", "train,validation", "--init", "random", "--quiet", "--device", args.device, *codec, *data)
     extract_s = time.perf_counter() - t0
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                "load_before": os.getloadavg(), "examples": args.examples, "pack": args.pack, "train_args": args.train_args, "extract_seconds": round(extract_s, 1),

@@ -68,7 +68,7 @@ def main() -> None:
     if not args.cache and not (cache / "manifest.json").is_file():
         print(f"extracting a MiniLM cache of {args.limit} examples per split into {cache} (not timed)", file=sys.stderr)
         timed([py, "-m", "backbone_cache.extract", "--out", str(cache), "--limit", str(args.limit),
-               "--importance", "magnitude", "--quiet"], env)
+               "--init", "magnitude", "--quiet"], env)
     shared = ["--init", "magnitude", "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--quiet",
               "--overwrite", "--device", args.device]
     alone_cmd = [py, "-m", "side_train.run", "--cache", str(cache), "--out", str(out / "alone"), *shared, *ALONE]

@@ -14,9 +14,10 @@ A cache is one Zarr v3 store (a folder):
     <split>/<stack>/labels         [tokens] int32 (decoder and candidates: target ids)
     importance.safetensors         optional per-row importance scores
 
-Stacks: `encoder` (every family), `decoder` (T5, teacher-forced on the target) and
-`candidates` (T5 with a closed label set: the teacher-forced decoder states of every
-candidate label, example-major, so offsets has n * K + 1 entries).
+Stacks are named by the backbone family (shared/families/): `encoder` for encoders, and
+for T5 `encoder`, `decoder` (teacher-forced on the target) and `candidates` (every candidate
+label's decoder states, example-major: offsets has n * K + 1 entries, K =
+`sequences_per_example` in the manifest).
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ from shared.errors import UserError
 from shared.shard_reader import ShardedArrayReader
 
 FORMAT_NAME = "lst-activation-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-STACKS = ("encoder", "decoder", "candidates")
 CODECS = ("none", "zstd1", "blosc-lz4", "blosc-zstd")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -287,9 +287,6 @@ class StackReader:
                 raise
             raise UserError(f"cache shard data in {self.path} failed its checksum (tokens {start}:{stop}); "
                             f"{_REBUILD}") from None
-
-    def read_sequence(self, index: int) -> np.ndarray:
-        return self.read_tokens(int(self.offsets[index]), int(self.offsets[index + 1]))
 
 
 def read_examples(cache_dir: Path, split: str):

@@ -10,6 +10,7 @@ import bz2
 import csv
 import importlib.metadata
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +94,17 @@ GLUE: dict[str, TaskSpec] = {
     "rte": TaskSpec("rte", ["sentence1", "sentence2"], "class", ["entailment", "not_entailment"], ["sentence1:", "sentence2:"], ["accuracy"], 20),
 }
 SMALL_GLUE = {"cola", "rte", "mrpc", "stsb"}
+
+
+def parse_data_files(items: list[str]) -> dict[str, Path]:
+    """--data SPLIT=PATH items -> {split: path}."""
+    files = {}
+    for item in items:
+        split, sep, path = item.partition("=")
+        if not sep or split not in SPLITS or not path:
+            raise UserError(f"--data {item!r} must look like train=PATH (splits: {', '.join(SPLITS)})")
+        files[split] = Path(path)
+    return files
 
 
 def known_tasks() -> list[str]:
@@ -195,9 +207,12 @@ def read_table(path: Path) -> list[dict]:
 
 
 def load_local(
-    files: dict[str, Path], text_fields: list[str], label_field: str, label_kind: str = "class"
+    files: dict[str, Path], text_fields: list[str], label_field: str, label_kind: str | None = None
 ) -> tuple[TaskSpec, dict[str, list[Example]]]:
-    """User data files, one per split; class labels are mapped by the training split's sorted label set."""
+    """User data files, one per split; class labels are mapped by the training split's sorted label set.
+
+    `label_kind` None: regression when every label is a number and some are not integers
+    (said on stderr), else classes."""
     if "train" not in files:
         raise UserError("local data needs a training file; pass --data train=PATH")
     if not text_fields:
@@ -218,6 +233,11 @@ def load_local(
             for f in text_fields:
                 if row.get(f) is None:
                     raise UserError(f"row {i} of {files[split]} has no text in {f!r}; fill it or drop the row")
+    if label_kind is None:
+        label_kind = infer_label_kind([r[label_field] for rows in tables.values() for r in rows])
+        if label_kind == "regression":
+            print(f"labels in {label_field!r} are numbers that are not all integers: treating the task as regression "
+                  "(pass --label-kind class to force classes)", file=sys.stderr)
     label_names: list[str] = []
     if label_kind == "class":
         label_names = sorted({str(r[label_field]) for r in tables["train"]})
@@ -231,9 +251,10 @@ def load_local(
             value = row[label_field]
             if label_kind == "class":
                 if str(value) not in label_index:
+                    hint = " (for continuous scores pass --label-kind regression)" if _number(value) is not None else ""
                     raise UserError(
                         f"row {i} of {files[split]} has label {value!r}, which the training file never uses; "
-                        "fix the label or add it to the training data"
+                        f"fix the label or add it to the training data{hint}"
                     )
                 label: int | float = label_index[str(value)]
             else:
@@ -248,12 +269,27 @@ def load_local(
     return TaskSpec("local", list(text_fields), label_kind, label_names, keys, metrics, 20), splits
 
 
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def infer_label_kind(values: list) -> str:
+    """'regression' when every label is a number and some are not integers, else 'class'."""
+    numbers = [_number(v) for v in values]
+    if numbers and all(n is not None for n in numbers) and any(not float(n).is_integer() for n in numbers):
+        return "regression"
+    return "class"
+
+
 def load_task(
     name: str | None,
     data_files: dict[str, Path] | None = None,
     text_fields: list[str] | None = None,
     label_field: str = "label",
-    label_kind: str = "class",
+    label_kind: str | None = None,
 ) -> tuple[TaskSpec, dict[str, list[Example]]]:
     """Resolve --task and friends to a TaskSpec and its splits."""
     if data_files:

@@ -1,16 +1,21 @@
-"""Two sources of ladder states, one batch type.
+"""Where ladder states come from, one batch type, one way to assemble it.
 
-- `CachedSplit` reads a split's stored states (only the layers the side network uses).
-- `LiveSplit` runs the frozen backbone under `torch.inference_mode` on each batch, and
-  rounds its states to bfloat16 exactly as extraction stores them.
+- `CachedSplit` reads a split's stored states once (only the layers the side network uses)
+  into host memory or onto the GPU;
+- `side_train.streaming.StreamingSplit` reads them from disk a pool at a time;
+- `LiveSplit` runs the frozen backbone on each batch and rounds its states to bfloat16
+  exactly as extraction stores them.
 
-Both number examples in the cache's storage order (longest first; see backbone_cache.plan),
-so the same seed gives the same batches, and a cached and a live run the same losses.
+All of them cut batches with `assemble`, number examples in the cache's storage order
+(longest first; see backbone_cache.plan), and hold the stacks the side network reads
+(`SideNetwork.train_stacks` for training, `eval_stacks` for evaluation), so the same seed
+gives the same batches, and a cached and a live run the same losses. No code here knows a
+backbone family: stacks are names, and a per-candidate stack is one with K sequences per example.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,39 +23,43 @@ import torch
 
 from shared.cache_format import StackReader, read_examples
 from shared.errors import UserError
+from shared.tokens import LABEL_PAD
 
 
 @dataclass
 class Batch:
-    """Padded ladder inputs for one batch; states are [B, L, 1 + side layers, d] bfloat16."""
+    """Padded ladder inputs for one batch. Per stack: states [S, L, 1 + side layers, d] bfloat16,
+    mask [S, L] bool and, where the stack has token labels, targets [S, L] (-100 on padding);
+    S is the batch size, or batch size x K for a per-candidate stack (example-major)."""
 
-    rows: torch.Tensor
-    enc_states: torch.Tensor
-    enc_mask: torch.Tensor
-    labels: torch.Tensor
-    dec_states: torch.Tensor | None = None
-    dec_mask: torch.Tensor | None = None
-    dec_labels: torch.Tensor | None = None
-    cand_states: torch.Tensor | None = None
-    cand_mask: torch.Tensor | None = None
-    cand_labels: torch.Tensor | None = None
+    rows: torch.Tensor  # storage rows of the examples
+    labels: torch.Tensor  # per-example label values (float64)
+    states: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.rows, self.labels, *self.states.values(), *self.masks.values(), *self.targets.values()]
+
+    def _map(self, fn) -> Batch:
+        return Batch(fn(self.rows), fn(self.labels), {k: fn(v) for k, v in self.states.items()},
+                     {k: fn(v) for k, v in self.masks.items()}, {k: fn(v) for k, v in self.targets.items()})
 
     def to(self, device: torch.device) -> Batch:
         """The batch on `device`; to a GPU through pinned memory, without waiting for the copy."""
         non_blocking = device.type == "cuda"
         source = self.pin_memory() if non_blocking else self
-        return Batch(**{f.name: None if getattr(source, f.name) is None else getattr(source, f.name).to(device, non_blocking=non_blocking)
-                        for f in fields(self)})
+        return source._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
         """The batch's host tensors in page-locked memory (those already pinned or on a GPU are kept);
         torch's DataLoader calls this in its pinning thread."""
-        def pinned(value: torch.Tensor | None) -> torch.Tensor | None:
-            if value is None or value.device.type != "cpu" or value.is_pinned():
-                return value
-            return value.pin_memory()
+        return self._map(lambda t: t if t.device.type != "cpu" or t.is_pinned() else t.pin_memory())
 
-        return Batch(**{f.name: pinned(getattr(self, f.name)) for f in fields(self)})
+    def select(self, positions: dict[str, list[int] | None]) -> Batch:
+        """The batch with only the given state positions of each stack (None: all of them)."""
+        states = {k: v if positions.get(k) is None else v[:, :, positions[k]] for k, v in self.states.items()}
+        return replace(self, states=states)
 
     @property
     def size(self) -> int:
@@ -70,7 +79,7 @@ def state_positions(stored_layers: list[int], side_layers: list[int], stack: str
 
 
 def gather_padded(store: torch.Tensor, offsets: np.ndarray, sequences: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-major store [T, ...] -> padded [B, Lmax, ...] and a bool mask, in one gather."""
+    """Token-major store [T, ...] -> padded [S, Lmax, ...] and a bool mask, in one gather."""
     starts = torch.from_numpy(offsets[sequences])
     lengths = torch.from_numpy(offsets[sequences + 1]) - starts
     width = int(lengths.max())
@@ -82,57 +91,34 @@ def gather_padded(store: torch.Tensor, offsets: np.ndarray, sequences: np.ndarra
     return store[index], mask
 
 
-def pad_ids(values: np.ndarray, offsets: np.ndarray, sequences: np.ndarray, fill: int) -> torch.Tensor:
-    ids, mask = gather_padded(torch.from_numpy(values.astype(np.int64)), offsets, sequences)
-    return ids.masked_fill(~mask, fill)
+def sequences_of(rows: np.ndarray, per_example: int) -> np.ndarray:
+    """Sequence indices of `rows` in a stack with `per_example` sequences per example (example-major)."""
+    return rows if per_example == 1 else (rows[:, None] * per_example + np.arange(per_example)[None, :]).reshape(-1)
 
 
-class CachedSplit:
-    """A split's ladder states, loaded once into host memory or onto the GPU (bfloat16, selected layers only)."""
+@dataclass
+class StackStore:
+    """One stack's states for some examples, token-major, with what `assemble` needs to cut batches."""
 
-    def __init__(self, cache_dir: Path, manifest: dict, split: str, enc_layers: list[int], dec_layers: list[int],
-                 device: torch.device | None = None):
-        if split not in manifest["splits"]:
-            raise UserError(f"the cache has no {split!r} split (it has {', '.join(manifest['splits'])}); extract it with --splits")
-        self.split = split
-        meta = manifest["splits"][split]["stacks"]
-        self.examples = read_examples(cache_dir, split)
-        self.labels = np.asarray(self.examples.column("label").to_numpy(), dtype=np.float64)
-        self.stacks: dict[str, StackReader] = {}
-        self.states: dict[str, torch.Tensor] = {}
-        wanted = {"encoder": enc_layers, "decoder": dec_layers, "candidates": dec_layers}
-        for stack in meta:
-            reader = StackReader(cache_dir, split, stack, meta[stack])
-            positions = state_positions(reader.layers, wanted[stack], stack)
-            self.stacks[stack] = reader
-            self.states[stack] = load_layers(reader, positions)
-            if device is not None and device.type == "cuda":
-                self.states[stack] = self.states[stack].to(device)
-        self.lengths = self.stacks["encoder"].lengths()
-        self.num_candidates = (
-            self.stacks["candidates"].num_sequences // len(self.lengths) if "candidates" in self.stacks else 0
-        )
+    states: torch.Tensor  # [tokens held, positions, d] bfloat16
+    offsets: np.ndarray  # sequence boundaries within `states` (local numbering)
+    per_example: int
+    labels: np.ndarray | None = None  # the split's token labels, or None
+    label_offsets: np.ndarray | None = None  # the split's sequence boundaries (global numbering)
 
-    @property
-    def num_examples(self) -> int:
-        return len(self.lengths)
 
-    def batch(self, rows: np.ndarray, candidates: bool = False) -> Batch:
-        rows = np.asarray(rows, dtype=np.int64)
-        enc = self.stacks["encoder"]
-        enc_states, enc_mask = gather_padded(self.states["encoder"], enc.offsets, rows)
-        batch = Batch(torch.from_numpy(rows), enc_states, enc_mask, torch.from_numpy(self.labels[rows]))
-        if "decoder" in self.stacks:
-            dec = self.stacks["decoder"]
-            batch.dec_states, batch.dec_mask = gather_padded(self.states["decoder"], dec.offsets, rows)
-            batch.dec_labels = pad_ids(dec.labels, dec.offsets, rows, -100)
-        if candidates and self.num_candidates:
-            cand = self.stacks["candidates"]
-            k = self.num_candidates
-            sequences = (rows[:, None] * k + np.arange(k)[None, :]).reshape(-1)
-            batch.cand_states, batch.cand_mask = gather_padded(self.states["candidates"], cand.offsets, sequences)
-            batch.cand_labels = pad_ids(cand.labels, cand.offsets, sequences, -100)
-        return batch
+def assemble(rows: np.ndarray, local_rows: np.ndarray, labels: np.ndarray, stores: dict[str, StackStore]) -> Batch:
+    """The one place a batch is cut from stored states, for every tier: `rows` number the examples
+    in the split, `local_rows` the same examples within the stores."""
+    batch = Batch(torch.from_numpy(rows), torch.from_numpy(labels[rows]))
+    for stack, store in stores.items():
+        local = sequences_of(local_rows, store.per_example)
+        batch.states[stack], batch.masks[stack] = gather_padded(store.states, store.offsets, local)
+        if store.labels is not None:
+            ids, mask = gather_padded(torch.from_numpy(store.labels.astype(np.int64)), store.label_offsets,
+                                      sequences_of(rows, store.per_example))
+            batch.targets[stack] = ids.masked_fill(~mask, LABEL_PAD)
+    return batch
 
 
 def read_layers(reader: StackReader, start: int, stop: int, positions: list[int], out: torch.Tensor) -> None:
@@ -153,64 +139,104 @@ def read_layers(reader: StackReader, start: int, stop: int, positions: list[int]
         column += len(run)
 
 
-def load_layers(reader: StackReader, positions: list[int]) -> torch.Tensor:
-    """Read the selected layers of a whole stack into a bfloat16 tensor, one shard at a time."""
-    total = int(reader.offsets[-1])
+def read_ranges(reader: StackReader, token_ranges: list[tuple[int, int]], positions: list[int]) -> torch.Tensor:
+    """The selected layers of the given token ranges, one after another, in a new bfloat16 store."""
+    total = sum(b - a for a, b in token_ranges)
     out = torch.empty((total, len(positions), reader.hidden.shape[2]), dtype=torch.bfloat16)
-    step = int(reader.meta["shard_tokens"])
-    for start in range(0, total, step):
-        stop = min(start + step, total)
-        read_layers(reader, start, stop, positions, out[start:stop])
+    cursor = 0
+    for start, stop in token_ranges:
+        read_layers(reader, start, stop, positions, out[cursor : cursor + stop - start])
+        cursor += stop - start
     return out
 
 
-class LiveSplit:
-    """Runs the frozen backbone per batch; same rows, layers and rounding as the cache."""
+def split_meta(manifest: dict, split: str) -> dict:
+    if split not in manifest["splits"]:
+        raise UserError(f"the cache has no {split!r} split (it has {', '.join(manifest['splits'])}); extract it with --splits")
+    return manifest["splits"][split]["stacks"]
 
-    def __init__(self, backbone, plan, candidate_ids: list[list[int]] | None, enc_layers: list[int], dec_layers: list[int]):
-        self.backbone, self.plan, self.candidate_ids = backbone, plan, candidate_ids
-        self.split = plan.name
-        self.enc_positions = [0] + [i + 1 for i in enc_layers]
-        self.dec_positions = [0] + [i + 1 for i in dec_layers]
-        self.lengths = np.diff(plan.offsets["encoder"])
-        self.labels = np.array([float(ex.label) for ex in plan.examples])
-        self.num_candidates = len(candidate_ids) if candidate_ids is not None else 0
+
+class CachedSplit:
+    """A split's ladder states, loaded once into host memory or onto the GPU (bfloat16, selected layers only)."""
+
+    def __init__(self, cache_dir: Path, manifest: dict, split: str, layers: dict[str, list[int]],
+                 device: torch.device | None = None):
+        meta = split_meta(manifest, split)
+        self.split = split
+        self.examples = read_examples(cache_dir, split)
+        self.labels = np.asarray(self.examples.column("label").to_numpy(), dtype=np.float64)
+        self.stores: dict[str, StackStore] = {}
+        for stack, side_layers in layers.items():
+            if stack not in meta:
+                raise UserError(f"the cache's {split} split has no {stack!r} stack; it was extracted for another use")
+            reader = StackReader(cache_dir, split, stack, meta[stack])
+            positions = state_positions(reader.layers, side_layers, stack)
+            states = read_ranges(reader, shard_ranges(reader), positions)
+            if device is not None and device.type == "cuda":
+                states = states.to(device)
+            self.stores[stack] = StackStore(states, reader.offsets, meta[stack]["sequences_per_example"], reader.labels, reader.offsets)
+        self.lengths = example_lengths(self.examples)
 
     @property
     def num_examples(self) -> int:
         return len(self.lengths)
 
-    def batch(self, rows: np.ndarray, candidates: bool = False) -> Batch:
-        from backbone_cache.extract import pad
-
+    def batch(self, rows: np.ndarray) -> Batch:
         rows = np.asarray(rows, dtype=np.int64)
-        device, bb, plan = self.backbone.device, self.backbone, self.plan
-        ids, mask = pad([plan.source_ids[i] for i in rows], device)
-        types = pad([plan.token_type_ids[i] for i in rows], device)[0] if plan.token_type_ids is not None else None
-        states, final = bb.encode(ids, mask, types)
-        batch = Batch(
-            torch.from_numpy(rows), _round(states[:, :, self.enc_positions]), mask.bool().cpu(), torch.from_numpy(self.labels[rows])
-        )
-        if bb.family == "t5":
-            targets = [plan.target_ids[i] for i in rows]
-            dec_ids, dec_mask = pad([bb.shift_right(t) for t in targets], device)
-            batch.dec_states = _round(bb.decode(dec_ids, dec_mask, final, mask)[:, :, self.dec_positions])
-            batch.dec_mask = dec_mask.bool().cpu()
-            batch.dec_labels = pad(targets, torch.device("cpu"))[0].masked_fill(~batch.dec_mask, -100)
-            if candidates and self.num_candidates:
-                k = self.num_candidates
-                cands = self.candidate_ids * len(rows)
-                cand_ids, cand_mask = pad([bb.shift_right(c) for c in cands], device)
-                cand = bb.decode(cand_ids, cand_mask, final.repeat_interleave(k, 0), mask.repeat_interleave(k, 0))
-                batch.cand_states = _round(cand[:, :, self.dec_positions])
-                batch.cand_mask = cand_mask.bool().cpu()
-                batch.cand_labels = pad(cands, torch.device("cpu"))[0].masked_fill(~batch.cand_mask, -100)
+        return assemble(rows, rows, self.labels, self.stores)
+
+
+def example_lengths(examples) -> np.ndarray:
+    """Tokens of each stored example's primary stack (the sampler's lengths), from examples.parquet."""
+    return np.asarray(examples.column("n_tokens").to_numpy(), dtype=np.int64)
+
+
+def shard_ranges(reader: StackReader) -> list[tuple[int, int]]:
+    """The whole stack as token ranges of one shard each (the read unit)."""
+    total, step = int(reader.offsets[-1]), int(reader.meta["shard_tokens"])
+    return [(start, min(start + step, total)) for start in range(0, total, step)]
+
+
+class LiveSplit:
+    """Runs the frozen backbone per batch; same rows, layers and rounding as the cache."""
+
+    def __init__(self, backbone, plan, layers: dict[str, list[int]]):
+        self.backbone, self.plan = backbone, plan
+        self.split = plan.name
+        self.positions = {stack: [0] + [i + 1 for i in side] for stack, side in layers.items()}
+        self.stacks = [s for s in layers if s in plan.inputs]
+        self.lengths = plan.lengths
+        self.labels = np.array([float(ex.label) for ex in plan.examples])
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, rows: np.ndarray) -> Batch:
+        rows = np.asarray(rows, dtype=np.int64)
+        tokens = self.plan.token_batch(rows, self.backbone.device, self.stacks)
+        states = self.backbone.states(tokens)
+        batch = Batch(torch.from_numpy(rows), torch.from_numpy(self.labels[rows]))
+        for stack in self.stacks:
+            # rounded to bfloat16 like the cache, left on the backbone's device
+            batch.states[stack] = states[stack][:, :, self.positions[stack]].to(torch.bfloat16).clone()
+            batch.masks[stack] = tokens[stack]["attention_mask"].bool().cpu()
+            if "labels" in tokens[stack]:
+                batch.targets[stack] = tokens[stack]["labels"].cpu()
         return batch
 
 
-def _round(states: torch.Tensor) -> torch.Tensor:
-    """Round to bfloat16 like the cache does, and leave the states on the backbone's device."""
-    return states.to(torch.bfloat16).clone()
+class LayerView:
+    """One network's state positions out of a source loaded for several networks' layers."""
+
+    def __init__(self, source, positions: dict[str, list[int] | None]):
+        self.source, self.positions_in_source = source, positions
+
+    def __getattr__(self, name: str):
+        return getattr(self.source, name)  # lengths, labels, num_examples, plan ...
+
+    def batch(self, rows: np.ndarray) -> Batch:
+        return self.source.batch(rows).select(self.positions_in_source)
 
 
 BLOCK_TOKENS = 4096  # examples are shuffled in blocks of about this many stored tokens

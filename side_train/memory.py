@@ -166,9 +166,9 @@ class SavedTensorCounter:
 def recompute_bytes(network: nn.Module, run_forward: Callable[[], object], exclude: Iterable[torch.Tensor]) -> int:
     """The backward-time peak that activation checkpointing adds: the most bytes one side block's
     forward saves (new storages only), counted on a forward run with checkpointing off and the
-    RNG forked. 0 when `network` (a LadderSideNetwork) does not recompute.
+    RNG forked. 0 when `network` (a SideNetwork) does not recompute.
     """
-    stacks = network.stacks() if hasattr(network, "stacks") else []
+    stacks = network.ladder_stacks() if hasattr(network, "ladder_stacks") else []
     if not any(stack.recompute for stack in stacks):
         return 0
     counter, starts, block_bytes, handles = SavedTensorCounter(exclude=exclude), [], [], []

@@ -16,46 +16,60 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.backbones import Backbone, load_backbone, pick_device
+from backbone_cache.plan import plan_split
+from shared.backbones import DEFAULT_MODEL, load_backbone, pick_device
+from shared.cache_format import open_complete
+from shared.cli import Parser
 from shared.errors import UserError, cli_entry
+from shared.families import Backbone
 from shared.tasks import Example, TaskSpec
 from side_train.data import CachedSplit, LiveSplit
 from side_train.evaluate import predict
-from side_train.model import LadderSideNetwork
+from side_train.model import SideNetwork, from_pretrained
+from side_train.runs import stored_identity
 
 
 class Predictor:
-    """A trained side network with the frozen backbone it reads."""
+    """A trained side network, and (loaded when first needed) the frozen backbone it reads."""
 
-    def __init__(self, model: LadderSideNetwork, backbone: Backbone, spec: TaskSpec, max_length: int = 128, max_target_length: int = 128):
-        self.model, self.backbone, self.spec = model, backbone, spec
-        self.max_length, self.max_target_length = max_length, max_target_length
+    def __init__(self, model: SideNetwork, spec: TaskSpec, max_length: int = 128, max_target_length: int = 128,
+                 device: str = "auto", backbone: Backbone | None = None):
+        self.model, self.spec, self.max_length, self.max_target_length = model, spec, max_length, max_target_length
+        self.device = pick_device(device)
+        self._backbone = backbone
+        self.model.to(self.device).eval()
 
     @classmethod
     def from_run(cls, run_dir: Path, device: str = "auto", best: bool = False) -> Predictor:
+        """The side network of a run folder (its last or best-validation weights); a frozen LM head
+        comes from the backbone's safetensors, the backbone itself only when texts are predicted."""
         run_dir = Path(run_dir)
-        config_path = run_dir / "config.json"
-        if not config_path.is_file():
+        if not (run_dir / "config.json").is_file():
             raise UserError(f"{run_dir} is not a run folder (no config.json); pass the --out of side_train.run")
-        config = json.loads(config_path.read_text())
-        identity = config["identity"]
-        inputs = config.get("inputs") or _input_lengths_of_older_runs(identity, config.get("argv", {}))
-        name = identity["model"]["name"]
-        backbone = load_backbone(name, pick_device(device), revision=identity["model"].get("revision"))
-        lm_head = backbone.lm_head()[0].detach().float().cpu() if backbone.family == "t5" else None
+        stored_identity(run_dir)  # a folder of another version is a one-line error
+        config = json.loads((run_dir / "config.json").read_text())
         weights = run_dir / ("best_side_model" if best else "side_model")
         if not (weights / "model.safetensors").is_file():
             hint = "it has no validation split, or rerun its side_train.run command to finish it" if best else \
                 "the run has not finished: rerun its side_train.run command to finish it, or pass --best"
             raise UserError(f"{weights} holds no side network; {hint}")
-        model = LadderSideNetwork.from_pretrained(weights, lm_head)
-        return cls(model.to(backbone.device).eval(), backbone, TaskSpec.from_json(identity["task"]),
-                   int(inputs.get("max_length", 128)), int(inputs.get("max_target_length", 128)))
+        inputs = config["inputs"]
+        return cls(from_pretrained(weights), TaskSpec.from_json(config["identity"]["task"]), int(inputs["max_length"]),
+                   int(inputs["max_target_length"]), device)
+
+    @property
+    def backbone(self) -> Backbone:
+        """The frozen backbone the side model records (loaded on first use)."""
+        if self._backbone is None:
+            record = self.model.cfg.backbone
+            name = None if record["name"] == DEFAULT_MODEL else record["name"]
+            self._backbone = load_backbone(name, self.device, revision=record.get("revision"))
+            if self._backbone.info().config_fingerprint != record["config_fingerprint"]:
+                raise UserError(f"the model {record['name']!r} loaded now differs from the one the side model was trained on")
+        return self._backbone
 
     def predict_texts(self, texts: list[list[str]]) -> list[str]:
         """Label names (or regression values as strings) for raw inputs, one list of fields per example."""
-        from backbone_cache.plan import plan_split
-
         if not texts:
             return []
         expected = len(self.spec.text_fields)
@@ -63,13 +77,36 @@ class Predictor:
             if len(fields) != expected:
                 raise UserError(f"each input needs {expected} text field(s) ({', '.join(self.spec.text_fields)}), got {len(fields)}")
         examples = [Example(f"input-{i}", list(t), 0) for i, t in enumerate(texts)]
-        candidates = self.backbone.tokenize_targets(self.spec.candidates(), self.max_target_length) if self.backbone.family == "t5" else None
-        plan = plan_split("input", examples, self.spec, self.backbone, self.max_length, self.max_target_length, 64, candidates)
-        source = LiveSplit(self.backbone, plan, candidates, self.model.cfg.encoder_layers, self.model.cfg.decoder_layers)
-        values = predict(self.model, source, self.spec, self.backbone.device, 64)
+        plan = plan_split("input", examples, self.spec, self.backbone, self.max_length, self.max_target_length, 64,
+                          with_candidates=True)
+        layers = self.model.cfg.stack_layers()
+        source = LiveSplit(self.backbone, plan, {s: layers[s] for s in self.model.eval_stacks})
+        values = predict(self.model, source, self.spec, self.device, 64)
         in_input_order = np.empty_like(values)
         in_input_order[plan.dataset_index] = values
         return [self.label_name(v) for v in in_input_order]
+
+    def predict_cache(self, cache: Path, split: str) -> list[dict]:
+        """Predictions for a cached split (no backbone forward): rows of example_id, prediction, label."""
+        manifest = open_complete(Path(cache))
+        if manifest["model"]["config_fingerprint"] != self.model.cfg.backbone["config_fingerprint"]:
+            raise UserError(f"cache {cache} was built from another model than this side model's")
+        labels = lambda task: (task["name"], task["label_kind"], task["label_names"])  # noqa: E731
+        if labels(manifest["task"]) != labels(self.spec.to_json()):
+            raise UserError(f"cache {cache} holds task {manifest['task']['name']!r}, the run was trained on "
+                            f"{self.spec.name!r}; predict from a cache of the run's task")
+        if split not in manifest["splits"]:
+            raise UserError(f"cache {cache} has no split {split!r}; choose one of {', '.join(manifest['splits'])}")
+        missing = [s for s in self.model.eval_stacks if s not in manifest["splits"][split]["stacks"]]
+        if missing:
+            raise UserError(f"split {split!r} of cache {cache} holds no {missing[0]!r} states (they are kept for "
+                            "evaluation splits only); choose another --split")
+        layers = self.model.cfg.stack_layers()
+        source = CachedSplit(Path(cache), manifest, split, {s: layers[s] for s in self.model.eval_stacks})
+        values = predict(self.model, source, self.spec, self.device, 100)
+        ids = source.examples.column("example_id").to_pylist()
+        return [{"example_id": i, "prediction": self.label_name(v), "label": self.label_name(y)}
+                for i, v, y in zip(ids, values, source.labels)]
 
     def label_name(self, value: float) -> str:
         if self.spec.label_kind == "regression":
@@ -77,20 +114,8 @@ class Predictor:
         return self.spec.label_names[int(value)] if value >= 0 else "<invalid>"
 
 
-def _input_lengths_of_older_runs(identity: dict, argv: dict) -> dict:
-    """Run folders written before config.json recorded `inputs`: a cached run's lengths are its
-    cache's (when it is still there), a live run's its flags."""
-    cache = identity.get("cache")
-    if cache and (Path(cache) / "manifest.json").is_file():
-        try:
-            return json.loads((Path(cache) / "manifest.json").read_text())
-        except ValueError:
-            pass
-    return argv
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m side_train.predict", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m side_train.predict", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="run folder of side_train.run")
     p.add_argument("--best", action="store_true", help="use the best-validation weights instead of the last")
     p.add_argument("--text", action="append", default=[], help="an input; separate pair fields with ' ||| '")
@@ -104,8 +129,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    from shared.cache_format import open_complete
-
     args = parse_args(argv)
     if args.out:
         out = Path(args.out)
@@ -114,26 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists() and not args.overwrite:
             raise UserError(f"--out {out} exists; choose another file or pass --overwrite to replace it")
     predictor = Predictor.from_run(Path(args.run), args.device, args.best)
-    rows: list[dict] = []
     if args.cache:
-        manifest = open_complete(Path(args.cache))
-        if manifest["model"]["config_fingerprint"] != predictor.backbone.info().config_fingerprint:
-            raise UserError(f"cache {args.cache} was built from another model than run {args.run}")
-        labels = lambda task: (task["name"], task["label_kind"], task["label_names"])  # noqa: E731
-        if labels(manifest["task"]) != labels(predictor.spec.to_json()):
-            raise UserError(f"cache {args.cache} holds task {manifest['task']['name']!r}, run {args.run} was trained on "
-                            f"{predictor.spec.name!r}; predict from a cache of the run's task")
-        cfg = predictor.model.cfg
-        if args.split not in manifest["splits"]:
-            raise UserError(f"cache {args.cache} has no split {args.split!r}; choose one of {', '.join(manifest['splits'])}")
-        if cfg.family == "t5" and "candidates" not in manifest["splits"][args.split]["stacks"]:
-            raise UserError(f"split {args.split!r} of cache {args.cache} holds no candidate label states (T5 caches keep them "
-                            "for validation and test only); choose another --split")
-        source = CachedSplit(Path(args.cache), manifest, args.split, cfg.encoder_layers, cfg.decoder_layers)
-        values = predict(predictor.model, source, predictor.spec, predictor.backbone.device, 100)
-        ids = source.examples.column("example_id").to_pylist()
-        rows = [{"example_id": i, "prediction": predictor.label_name(v), "label": predictor.label_name(y)}
-                for i, v, y in zip(ids, values, source.labels)]
+        rows = predictor.predict_cache(Path(args.cache), args.split)
     elif args.text:
         texts = [t.split(" ||| ") for t in args.text]
         rows = [{"text": t, "prediction": p} for t, p in zip(args.text, predictor.predict_texts(texts))]

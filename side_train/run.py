@@ -5,41 +5,48 @@
     python -m side_train.run --model t5-base --task rte --out r    # live, no cache
 
 The run folder gets config.json, metrics.jsonl, summary.json, side_model/ and
-best_side_model/ (safetensors + side_config.json), and checkpoint/ for resuming.
+best_side_model/ (safetensors + side_config.json), and checkpoint/ for resuming. This module
+turns flags into a `RunConfig`; the work is in side_train.runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
-import time
-from pathlib import Path
 
-from shared.allocator import keep_freed_memory
-from shared.backbones import pick_device
+from shared.cli import Parser, add_data_arguments, add_model_arguments, data_config, data_flags_given, model_config
 from shared.errors import UserError, cli_entry
-from side_train.recipe import (
-    add_side_arguments,
-    add_source_arguments,
-    backbone_parameters,
-    build_side_network,
-    choose_tier,
-    explicit_side_layers,
-    importance_scores,
-    materialize,
-    open_sources,
-    side_config_for,
-    train_config_for,
-)
-from side_train.train import config_dict, train, uses_bf16
+from side_train.model import SideOptions
+from side_train.recipe import INITS, TIERS, SourceConfig, reader_mode
+from side_train.runs import RunConfig, run
+from side_train.train import TrainConfig
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m side_train.run", description=__doc__.split("\n")[0])
-    add_source_arguments(p)
-    add_side_arguments(p)
+def build_parser() -> Parser:
+    p = Parser(prog="python -m side_train.run", description=__doc__.split("\n")[0])
+    g = p.add_argument_group("where ladder states come from")
+    g.add_argument("--cache", default=None, help="cache folder made by backbone_cache.extract")
+    g.add_argument("--live", action="store_true", help="run the backbone each batch (with --cache: on the cache's model and data)")
+    add_model_arguments(g, " (live, without --cache)")
+    add_data_arguments(g, " (live, without --cache)")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--tier", default="auto", choices=TIERS,
+                   help="where cached training states live: on the GPU, in host RAM, or streamed from disk (auto: the first that fits)")
+    g.add_argument("--reader", type=reader_mode, default=None, metavar="MODE",
+                   help="disk tier: how pools are read: inline (between steps, in the training thread), thread "
+                        "(a background thread) or N (N spawn-started processes); default: inline for a CPU step on 4 CPUs "
+                        "or fewer, thread beside a GPU on 4 CPUs or fewer, else 1 process")
+    g = p.add_argument_group("side network")
+    g.add_argument("--reduction", type=int, default=8, help="side width = backbone width / r")
+    g.add_argument("--side-layers", default=None, help="comma-separated backbone blocks that feed side blocks")
+    g.add_argument("--drop-layers", type=int, default=0, help="drop N interleaved layers instead")
+    g.add_argument("--init", default="fisher", choices=INITS, help="side block init: pruned by importance, or random")
+    g.add_argument("--fisher-samples", type=int, default=1024, help="live fisher init: training examples")
+    g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=None,
+                   help="dropout on the attention probabilities (default: --dropout, as the reference); 0 lets fused "
+                        "attention kernels run and makes the side step much cheaper at long lengths")
+    g.add_argument("--pooling", default="mean", choices=["mean", "cls"], help="encoder family: pooling before the head")
     g = p.add_argument_group("training")
     g.add_argument("--out", default="runs/lst", help="run folder (resumed if it holds the same unfinished run)")
     g.add_argument("--epochs", type=int, default=None, help="default: the task's (20 small, 10 large)")
@@ -53,148 +60,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eval", dest="eval_mode", default="candidates", choices=["candidates", "generate"],
                    help="T5: score the label set (no backbone) or greedy-generate (live backbone)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="side step arithmetic: bf16 autocast or fp32 (auto: bf16 on a GPU with bf16 units, else fp32; "
+                        "bf16 on a CPU with AVX512-BF16 or AMX: epochs 1.3-1.45x faster)")
+    g.add_argument("--recompute", action="store_true",
+                   help="activation checkpointing of the side blocks: far less activation memory for about one more side forward")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps too")
     g.add_argument("--overwrite", action="store_true", help="replace a finished or different run in --out")
     g.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
-    for name in ("batch_size", "eval_batch_size", "reduction", "fisher_samples", "max_length", "max_target_length"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("epochs", "max_steps"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    for name in ("warmup_steps", "save_every", "clip", "weight_decay"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
-    if not 0 <= args.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
-    explicit_side_layers(args)  # a bad list fails here, before any model is loaded
-    check_out_path(Path(args.out))
-    if args.attention_dropout is not None and not 0 <= args.attention_dropout < 1:
-        raise UserError(f"--attention-dropout must be in [0, 1), got {args.attention_dropout}")
-    if args.live and not args.cache and args.model is None and args.task is None:
-        pass  # live on the embedded default
-    return args
+    return p
 
 
-def check_out_path(run_dir: Path) -> None:
-    """--out and every folder above it that exists must be folders."""
-    for folder in (run_dir, *run_dir.parents):
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"--out {run_dir}: {folder} is a file; choose a folder")
-
-
-def prepare_run_dir(run_dir: Path, identity: dict, overwrite: bool) -> None:
-    """Refuse to clobber a finished or different run; allow resuming the same one."""
-    config_path = run_dir / "config.json"
-    check_out_path(run_dir)
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        stored = stored_identity(config_path, identity)
-        finished = (run_dir / "summary.json").is_file()
-        if overwrite:
-            shutil.rmtree(run_dir)
-        elif stored is None:
-            raise UserError(f"--out {run_dir} is a non-empty folder that is not a run; choose another --out")
-        elif stored != identity:
-            raise UserError(f"--out {run_dir} holds a different run ({first_difference(stored, identity)}); "
-                            "choose another --out, repeat its flags to resume it, or pass --overwrite")
-        elif finished:
-            raise UserError(f"--out {run_dir} already holds this finished run (see summary.json); pass --overwrite to redo it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def write_config(path: Path, identity: dict, args: argparse.Namespace, manifest: dict | None) -> None:
-    """A run folder's config.json: its identity, its flags, and `inputs`, the lengths its
-    training inputs were cut at (a cache's own, else the flags), which prediction repeats."""
-    lengths = manifest if manifest is not None else vars(args)
-    inputs = {k: lengths[k] for k in ("max_length", "max_target_length")}
-    path.write_text(json.dumps({"identity": identity, "argv": vars(args), "inputs": inputs}, indent=1, default=str))
-
-
-# settings added after run folders existed, with the value a folder written before had
-# (None: not recorded then, so the value the flags give now is taken)
-# (step_dtype: a folder from before it with --precision fp32 or bf16 has that dtype anyway; one
-# with auto ran in its device's default, unknown now, and resumes in this device's)
-LATER_SETTINGS = {"train": {"precision": "auto", "step_dtype": None}}
-
-
-def stored_identity(config_path: Path, wanted: dict | None = None) -> dict | None:
-    """A run folder's identity from its config.json (None without one), with settings added
-    since it was written filled in at their earlier value, so older runs still resume."""
-    if not config_path.is_file():
+def parse_side_layers(text: str | None) -> list[int] | None:
+    if not text:
         return None
-    stored = json.loads(config_path.read_text()).get("identity")
-    for section, settings in LATER_SETTINGS.items():
-        if isinstance(stored, dict) and isinstance(stored.get(section), dict):
-            for key, value in settings.items():
-                if value is None:
-                    value = ((wanted or {}).get(section) or {}).get(key)
-                    if value is None:
-                        continue
-                stored[section].setdefault(key, value)
-    return stored
-
-
-def first_difference(stored: dict, wanted: dict, path: str = "") -> str:
-    """Name the first setting that differs between a run folder's identity and the flags given."""
-    for key in sorted(set(stored) | set(wanted)):
-        a, b = stored.get(key), wanted.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found = first_difference(a, b, f"{path}{key}.")
-            if found:
-                return found
-        elif a != b:
-            return f"its {path}{key} is {a}, the flags give {b}"
-    return ""
-
-
-def run(args: argparse.Namespace) -> dict:
-    """Everything `main` does, returning the summary (the Python API)."""
-    keep_freed_memory()  # the step's large temporaries reuse memory (shared.allocator)
-    device = pick_device(args.device)
-    sources = open_sources(args, device)
-    if "train" not in sources.splits:
-        raise UserError("the data has no train split; extract it with --splits train,...")
-    side_cfg = side_config_for(sources.backbone, sources.spec, args)
-    train_cfg = train_config_for(args, sources.spec)
-    uses_bf16(train_cfg.precision, device)  # refuse bf16 on a CPU without it before the run folder is made
-    if args.eval_mode == "generate" and (sources.mode != "live" or side_cfg.family != "t5"):
-        raise UserError("--eval generate needs a T5 backbone run live (add --live, or drop --eval generate)")
-    run_dir = Path(args.out)
-    identity = {"side": side_cfg.to_json(), "train": config_dict(train_cfg, device), "init": args.init,
-                "model": sources.backbone.info().to_json(), "task": sources.spec.to_json(),
-                "cache": str(Path(args.cache).resolve()) if args.cache else None, "mode": sources.mode}
     try:
-        prepare_run_dir(run_dir, identity, args.overwrite)
-        (run_dir / "probe").touch()
-        (run_dir / "probe").unlink()
-    except PermissionError:
-        raise UserError(f"cannot write to --out {run_dir}; choose a folder you can write to") from None
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--side-layers {text!r} must be comma-separated integers") from None
 
-    scores = importance_scores(sources, args.init, args.cache, args.fisher_samples)
-    model = build_side_network(side_cfg, sources.backbone, args.init, scores, args.seed)
-    trainable, total = model.trainable_parameters(), backbone_parameters(sources.backbone)
-    tier = choose_tier(sources.manifest, side_cfg, device, args.tier) if sources.mode == "cache" else "live"
-    data = materialize(sources, side_cfg, args.cache, tier, args.reader_workers, device)
-    if not (run_dir / "config.json").is_file():
-        # written once every check has passed: a run refused above leaves no identity behind to block its corrected rerun
-        write_config(run_dir / "config.json", identity, args, sources.manifest)
-    if sources.mode == "cache":
-        sources.backbone.model = None  # only the LM head (inside the side network) stays
-    evals = {s: data[s] for s in ("validation", "test") if s in data}
-    if not args.quiet:
-        print(f"side network: {trainable:,} trainable parameters, {100 * trainable / total:.3f}% of the "
-              f"{total:,}-parameter backbone; source: {sources.mode} ({tier}); device: {device}", file=sys.stderr)
-    start = time.perf_counter()
-    summary = train(model, data["train"], evals, sources.spec, train_cfg, run_dir, device)
-    model.save_pretrained(run_dir / "side_model")
-    summary.update(trainable_parameters=trainable, backbone_parameters=total, trainable_share=trainable / total,
-                   source=sources.mode, tier=tier, device=str(device), wall_seconds=round(time.perf_counter() - start, 3),
-                   task=sources.spec.name, model=sources.backbone.name)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+
+def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
+    """The RunConfig of parsed flags (`argv`: the flags as given, to find data flags a cache makes meaningless)."""
+    if args.cache:
+        given = data_flags_given(argv)
+        if given:
+            raise UserError(f"{given[0]} sets how a live run cuts its data; a run from --cache takes the cache's data "
+                            f"and lengths: drop {given[0]}, or train live without --cache")
+    source = SourceConfig(cache=args.cache, live=args.live, model=model_config(args), data=data_config(args),
+                          device=args.device, tier=args.tier, reader=args.reader)
+    side = SideOptions(reduction=args.reduction, side_layers=parse_side_layers(args.side_layers), drop_layers=args.drop_layers,
+                       dropout=args.dropout, attention_dropout=args.attention_dropout, pooling=args.pooling)
+    train = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                        eval_batch_size=args.eval_batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                        weight_decay=args.weight_decay, clip=args.clip, seed=args.seed, eval_mode=args.eval_mode,
+                        save_every=args.save_every, recompute=args.recompute, precision=args.precision, quiet=args.quiet)
+    config = RunConfig(source=source, side=side, train=train, init=args.init, fisher_samples=args.fisher_samples,
+                       out=args.out, overwrite=args.overwrite)
+    config.check()
+    return config
+
+
+def parse_args(argv: list[str] | None) -> RunConfig:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return config_from_args(build_parser().parse_args(argv), argv)
 
 
 def format_summary(summary: dict) -> str:
@@ -211,10 +120,10 @@ def format_summary(summary: dict) -> str:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    summary = run(args)
+    config = parse_args(argv)
+    summary = run(config)
     print(format_summary(summary))
-    print(f"run folder: {args.out}")
+    print(f"run folder: {config.out}")
     return 0
 
 

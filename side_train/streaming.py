@@ -22,8 +22,17 @@ import torch
 
 from shared.allocator import keep_freed_memory
 from shared.cache_format import StackReader, read_examples
-from shared.errors import UserError
-from side_train.data import Batch, EpochPlan, gather_padded, pad_ids, read_layers, state_positions
+from side_train.data import (
+    Batch,
+    EpochPlan,
+    StackStore,
+    assemble,
+    example_lengths,
+    read_ranges,
+    sequences_of,
+    split_meta,
+    state_positions,
+)
 
 
 class PoolDataset(torch.utils.data.Dataset):
@@ -54,70 +63,49 @@ class PoolDataset(torch.utils.data.Dataset):
         rows = np.concatenate([np.arange(a, b) for a, b in ranges])
         local = np.full(rows[-1] + 1, -1, dtype=np.int64)
         local[rows] = np.arange(len(rows))
-        stores, offsets = {}, {}
+        stores = {}
         for stack, reader in readers.items():
-            lengths = np.diff(reader.offsets)[rows]
-            offsets[stack] = np.concatenate([[0], np.cumsum(lengths)])
-            store = torch.empty((int(offsets[stack][-1]), len(self.positions[stack]), reader.hidden.shape[2]), dtype=torch.bfloat16)
-            cursor = 0
-            for a, b in ranges:
-                start, stop = int(reader.offsets[a]), int(reader.offsets[b])
-                read_layers(reader, start, stop, self.positions[stack], store[cursor : cursor + stop - start])
-                cursor += stop - start
-            stores[stack] = store
+            k = self.meta[stack]["sequences_per_example"]
+            lengths = np.diff(reader.offsets)[sequences_of(rows, k)]
+            token_ranges = [(int(reader.offsets[a * k]), int(reader.offsets[b * k])) for a, b in ranges]
+            stores[stack] = StackStore(read_ranges(reader, token_ranges, self.positions[stack]),
+                                       np.concatenate([[0], np.cumsum(lengths)]), k, reader.labels, reader.offsets)
         out = []
         for index in range(max(first_batch, self.first), stop_batch):
             batch_rows = self.plan[index]
-            sequences = local[batch_rows]
-            enc_states, enc_mask = gather_padded(stores["encoder"], offsets["encoder"], sequences)
-            batch = Batch(torch.from_numpy(batch_rows), enc_states, enc_mask, torch.from_numpy(self.labels[batch_rows]))
-            if "decoder" in stores:
-                dec = readers["decoder"]
-                batch.dec_states, batch.dec_mask = gather_padded(stores["decoder"], offsets["decoder"], sequences)
-                batch.dec_labels = pad_ids(dec.labels, dec.offsets, batch_rows, -100)
-            out.append((index, batch))
+            out.append((index, assemble(batch_rows, local[batch_rows], self.labels, stores)))
         return pool, out
 
 
 class StreamingSplit:
     """A split read from disk as it is consumed (training), or a contiguous range at a time (evaluation)."""
 
-    def __init__(self, cache_dir: Path, manifest: dict, split: str, enc_layers: list[int], dec_layers: list[int],
-                 workers: str | int = 2, pin_memory: bool = False):
-        if split not in manifest["splits"]:
-            raise UserError(f"the cache has no {split!r} split (it has {', '.join(manifest['splits'])}); extract it with --splits")
+    def __init__(self, cache_dir: Path, manifest: dict, split: str, layers: dict[str, list[int]],
+                 workers: str | int = "inline", pin_memory: bool = False):
+        meta = split_meta(manifest, split)
         self.cache_dir, self.manifest, self.split = Path(cache_dir), manifest, split
         self.workers, self.pin_memory = workers, pin_memory
-        meta = manifest["splits"][split]["stacks"]
-        wanted = {"encoder": enc_layers, "decoder": dec_layers}
-        self.readers = {s: StackReader(cache_dir, split, s, meta[s]) for s in meta if s in wanted}
-        self.positions = {s: state_positions(r.layers, wanted[s], s) for s, r in self.readers.items()}
+        self.readers = {s: StackReader(cache_dir, split, s, meta[s]) for s in layers}
+        self.positions = {s: state_positions(r.layers, layers[s], s) for s, r in self.readers.items()}
         self.examples = read_examples(cache_dir, split)
         self.labels = np.asarray(self.examples.column("label").to_numpy(), dtype=np.float64)
-        self.lengths = self.readers["encoder"].lengths()
-        self.num_candidates = 0
+        self.lengths = example_lengths(self.examples)
 
     @property
     def num_examples(self) -> int:
         return len(self.lengths)
 
-    def batch(self, rows: np.ndarray, candidates: bool = False) -> Batch:
+    def batch(self, rows: np.ndarray) -> Batch:
         """Read the rows' span of storage once and cut the batch from it (rows should be close together)."""
         rows = np.asarray(rows, dtype=np.int64)
         lo, hi = int(rows.min()), int(rows.max()) + 1
-        pieces = {}
+        stores = {}
         for stack, reader in self.readers.items():
-            start, stop = int(reader.offsets[lo]), int(reader.offsets[hi])
-            store = torch.empty((stop - start, len(self.positions[stack]), reader.hidden.shape[2]), dtype=torch.bfloat16)
-            read_layers(reader, start, stop, self.positions[stack], store)
-            pieces[stack] = (store, reader.offsets[lo : hi + 1] - start)
-        enc_states, enc_mask = gather_padded(*pieces["encoder"], rows - lo)
-        batch = Batch(torch.from_numpy(rows), enc_states, enc_mask, torch.from_numpy(self.labels[rows]))
-        if "decoder" in pieces:
-            dec = self.readers["decoder"]
-            batch.dec_states, batch.dec_mask = gather_padded(*pieces["decoder"], rows - lo)
-            batch.dec_labels = pad_ids(dec.labels, dec.offsets, rows, -100)
-        return batch
+            k = self.manifest["splits"][self.split]["stacks"][stack]["sequences_per_example"]
+            start, stop = int(reader.offsets[lo * k]), int(reader.offsets[hi * k])
+            stores[stack] = StackStore(read_ranges(reader, [(start, stop)], self.positions[stack]),
+                                       reader.offsets[lo * k : hi * k + 1] - start, k, reader.labels, reader.offsets)
+        return assemble(rows, rows - lo, self.labels, stores)
 
     def stream(self, plan: EpochPlan, first: int = 0) -> Iterator[tuple[int, Batch]]:
         """(index, Batch) for batches first.. of the epoch, pools read ahead by workers."""
@@ -126,7 +114,7 @@ class StreamingSplit:
             for item in range(len(dataset)):
                 yield from dataset[item][1]
             return
-        if self.workers in ("thread", 0):
+        if self.workers == "thread":
             yield from _threaded(dataset, pin=self.pin_memory)
             return
         if isinstance(self.workers, int) and self.workers > 0:
@@ -137,7 +125,7 @@ class StreamingSplit:
             for _pool, batches in loader:
                 yield from batches
             return
-        raise ValueError(f"workers must be 'inline', 'thread' (or 0) or a positive count, got {self.workers!r}")
+        raise ValueError(f"workers must be 'inline', 'thread' or a positive count, got {self.workers!r}")
 
 
 def _threaded(dataset: PoolDataset, ahead: int = 2, pin: bool = False) -> Iterator[tuple[int, Batch]]:

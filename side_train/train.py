@@ -1,9 +1,9 @@
 """The training loop: AdamW, warmup then linear decay, clipping, per-epoch evaluation, checkpoints.
 
 `TrainState` holds one side network's training: optimizer, schedule, RNG stream, log and
-checkpoints, with `step()` per batch and `end_epoch()` per epoch. `train()` drives one of
-them over a data source; `side_train.sweep` drives many over one shared batch stream.
-Either way the run folder gets `metrics.jsonl` and `checkpoint/`, and the same numbers.
+checkpoints, with `step()` per batch and `end_epoch()` per epoch. `train_networks()` is the
+one training loop: it drives one or many of them over one shared batch stream (a run is a
+sweep of one). Each run folder gets `metrics.jsonl` and `checkpoint/`, and the same numbers.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import resource
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,12 +26,12 @@ from side_train.checkpoint import load_checkpoint, save_checkpoint
 from side_train.data import Batch, epoch_batches, iter_batches
 from side_train.evaluate import evaluate
 from side_train.memory import MemoryAccount, SavedTensorCounter, account, device_tensors, recompute_bytes
-from side_train.model import LadderSideNetwork
+from side_train.model import SideNetwork
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
+    epochs: int | None = None  # None: the task's (20 for small tasks, 10 for large ones)
     max_steps: int | None = None
     batch_size: int = 100
     eval_batch_size: int = 100
@@ -112,7 +112,7 @@ class TrainState:
     draw the dropout masks a lone run would draw.
     """
 
-    def __init__(self, model: LadderSideNetwork, lengths, spec: TaskSpec, cfg: TrainConfig, run_dir: Path,
+    def __init__(self, model: SideNetwork, lengths, spec: TaskSpec, cfg: TrainConfig, run_dir: Path,
                  device: torch.device, track_memory: bool = False):
         self.model, self.spec, self.cfg, self.run_dir, self.device = model, spec, cfg, Path(run_dir), device
         self.lengths = lengths
@@ -183,7 +183,7 @@ class TrainState:
         with self.own_rng():
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 if self.track_memory:
-                    inputs = [t for t in vars(batch).values() if torch.is_tensor(t)]
+                    inputs = batch.tensors()
                     with SavedTensorCounter(exclude=[*device_tensors(self.model), *inputs]) as counter:
                         loss = self.model.loss(batch)
                     step_memory = account(self.model, inputs, counter)
@@ -255,47 +255,80 @@ class TrainState:
         self.log.close()
 
 
-def train(
-    model: LadderSideNetwork,
-    train_source,
-    eval_sources: dict,
-    spec: TaskSpec,
-    cfg: TrainConfig,
-    run_dir: Path,
-    device: torch.device,
-) -> dict:
-    """Train, evaluating each epoch; resume from run_dir/checkpoint when it exists."""
-    state = TrainState(model, train_source.lengths, spec, cfg, run_dir, device)
-    if state.resumed and not cfg.quiet:
-        print(f"resuming from step {state.progress['step']} (epoch {state.progress['epoch']})")
+@dataclass
+class Trainee:
+    """One network of a training loop: its state, where its states sit in the shared batches,
+    and the sources it is evaluated on."""
+
+    name: str
+    state: TrainState
+    positions: dict[str, list[int] | None] = field(default_factory=dict)  # per stack (None or missing: all)
+    evals: dict = field(default_factory=dict)  # split -> source of batches for this network
+    seconds: float = 0.0  # its share of the training time, evaluation included
+
+
+def train_networks(trainees: list[Trainee], train_source, device: torch.device, label: str = "train",
+                   quiet: bool = False) -> None:
+    """The training loop: every trainee steps on each batch of one shared stream, each with its own
+    optimizer, schedule, dropout RNG, evaluation and checkpoints. The trainees share batch size and
+    seed (which fix the data order). With one trainee this is a plain training run; with several,
+    each step is timed alone (its loss read at once), so each network gets its own seconds."""
+    timed = len(trainees) > 1
+    say = (lambda text: None) if quiet else tqdm.write
+    for t in trainees:
+        if timed:
+            t.state.loss_reads_every = 1  # each step is timed: wait for it
+        if t.state.resumed:
+            say(f"{t.name + ': ' if timed else ''}resuming from step {t.state.progress['step']} (epoch {t.state.progress['epoch']})")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(total=state.total_steps, initial=state.step_count, desc="train", unit="step", disable=cfg.quiet, dynamic_ncols=True)
+    batch_size, seed = trainees[0].state.cfg.batch_size, trainees[0].state.cfg.seed
+    if any((t.state.cfg.batch_size, t.state.cfg.seed) != (batch_size, seed) for t in trainees):
+        raise ValueError("networks trained on one batch stream must share batch size and seed")
+    remaining = sum(t.state.total_steps - t.state.step_count for t in trainees)
+    bar = tqdm(total=remaining, desc=label, unit="step", disable=quiet, dynamic_ncols=True)
     try:
-        for epoch in range(state.progress["epoch"], cfg.epochs):
-            if state.done:
-                break
-            batches = state.batches(epoch)
-            t0, seen = time.perf_counter(), 0
-            for index, batch in iter_batches(train_source, batches, state.first_batch(epoch)):
-                if state.done:
-                    break
+        first = min(t.state.progress["epoch"] for t in trainees)
+        for epoch in range(first, max(t.state.cfg.epochs for t in trainees)):
+            running = [t for t in trainees if t.state.trains_in(epoch)]
+            if not running:
+                continue
+            batches = epoch_batches(train_source.lengths, batch_size, seed, epoch)
+            starts = {t.name: t.state.first_batch(epoch) for t in running}
+            seconds = dict.fromkeys(starts, 0.0)
+            t0 = epoch_start = time.perf_counter()
+            seen = 0
+            for index, batch in iter_batches(train_source, batches, min(starts.values())):
+                stepping = [t for t in running if index >= starts[t.name] and not t.state.done]
+                if not stepping:
+                    if all(t.state.done for t in running):
+                        break
+                    t0 = time.perf_counter()
+                    continue
                 batch = batch.to(device)
-                loss = state.step(batch, epoch, index, len(batches))
+                read_share = (time.perf_counter() - t0) / len(stepping)  # waiting for the batch, shared
+                for t in stepping:
+                    t1 = time.perf_counter()
+                    loss = t.state.step(batch.select(t.positions), epoch, index, len(batches))
+                    seconds[t.name] += time.perf_counter() - t1 + read_share
+                    bar.update(1)
                 seen += batch.size
-                rate = seen / (time.perf_counter() - t0)
-                bar.update(1)
                 shown = {} if math.isnan(loss) else {"loss": f"{loss:.4f}"}  # nan: not read from the GPU yet
-                bar.set_postfix(epoch=epoch, **shown, ex_s=f"{rate:,.0f}", refresh=False)
-            state.write_losses()  # waits for the last steps, so the epoch's time includes them
-            record = state.end_epoch(epoch, time.perf_counter() - t0, eval_sources)
-            if not cfg.quiet:
+                bar.set_postfix(epoch=epoch, **shown, ex_s=f"{seen / (time.perf_counter() - epoch_start):,.0f}", refresh=False)
+                t0 = time.perf_counter()
+            for t in running:
+                if not timed:  # the epoch's time includes waiting for its last steps
+                    t.state.write_losses()
+                    seconds[t.name] = time.perf_counter() - epoch_start
+                t2 = time.perf_counter()
+                record = t.state.end_epoch(epoch, seconds[t.name], t.evals)
+                t.seconds += seconds[t.name] + time.perf_counter() - t2
                 shown = ", ".join(f"{k} {v['score']:.2f}" for k, v in record.items() if isinstance(v, dict))
-                tqdm.write(f"epoch {epoch}: {shown}")
+                say(f"{t.name + ' ' if timed else ''}epoch {epoch}: {shown}")
     finally:
         bar.close()
-        state.close()
-    return state.summary()
+        for t in trainees:
+            t.state.close()
 
 
 def _is_best(history: list[dict]) -> bool:

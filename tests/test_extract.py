@@ -100,7 +100,7 @@ def test_t5_batch_of_one_is_bit_identical(tiny_t5, tmp_path):
 
     out = tmp_path / "c"
     run_cli("backbone_cache.extract", "--model", str(tiny_t5), "--out", str(out), "--limit", "5", "--splits", "validation",
-            "--batch-size", "1", "--importance", "none", "--quiet")
+            "--batch-size", "1", "--init", "random", "--quiet")
     model = T5ForConditionalGeneration.from_pretrained(tiny_t5).eval()
     group = zarr.open_group(str(out / "validation"), mode="r")
     offsets, dec_offsets = group["encoder/offsets"][:], group["decoder/offsets"][:]
@@ -254,9 +254,9 @@ def test_complete_cache_is_never_overwritten_silently(tiny_t5, t5_cache):
 def test_overwrite_replaces_a_cache(tiny_t5, tmp_path):
     out = tmp_path / "c"
     run_cli("backbone_cache.extract", "--model", str(tiny_t5), "--out", str(out), "--limit", "6", "--splits", "train",
-            "--importance", "none", "--quiet")
+            "--init", "random", "--quiet")
     run_cli("backbone_cache.extract", "--model", str(tiny_t5), "--out", str(out), "--limit", "9", "--splits", "train",
-            "--importance", "none", "--quiet", "--overwrite")
+            "--init", "random", "--quiet", "--overwrite")
     m = read_manifest(out)
     assert m["complete"] and m["splits"]["train"]["num_examples"] == 9
     assert not list(tmp_path.glob("c.*")), "staging folders are cleaned up"
@@ -273,7 +273,7 @@ def test_local_data_files(tiny_t5, tmp_path):
     run_cli("backbone_cache.extract", "--model", str(tiny_t5), "--out", str(out), "--task", "local",
             "--data", f"train={tmp_path / 'train.jsonl'}", "--data", f"validation={tmp_path / 'val.parquet'}",
             "--data", f"test={tmp_path / 'test.csv'}", "--text-fields", "premise,hypothesis", "--label-field", "gold",
-            "--importance", "none", "--quiet")
+            "--init", "random", "--quiet")
     m = read_manifest(out)
     assert m["task"]["label_names"] == ["no", "yes"] and m["task"]["name"] == "local"
     assert [m["splits"][s]["num_examples"] for s in ("train", "validation", "test")] == [12, 5, 4]
@@ -327,14 +327,14 @@ def test_fisher_scores_are_added_to_a_complete_cache(tmp_path, tiny_t5, capsys):
 
     out = tmp_path / "c"
     extract = ("--model", str(tiny_t5), "--out", str(out), *T5_EXTRACT_ARGS, "--limit", "12")
-    assert extract_here(capsys, *extract, "--importance", "none")[0] == 0
+    assert extract_here(capsys, *extract, "--init", "random")[0] == 0
     states = {p: p.stat().st_mtime_ns for p in out.rglob("c/*/*/*") if p.is_file()}
     assert states and read_manifest(out)["importance"] is None
-    code, err = extract_here(capsys, *extract, "--importance", "fisher")
+    code, err = extract_here(capsys, *extract, "--init", "fisher")
     assert code == 0 and "added Fisher importance scores over 8 training examples" in err
     assert read_manifest(out)["importance"] == {"kind": "fisher", "file": "importance.safetensors", "samples": 8}
     assert {p: p.stat().st_mtime_ns for p in out.rglob("c/*/*/*") if p.is_file()} == states
-    assert "already complete" in extract_here(capsys, *extract, "--importance", "fisher")[1]
+    assert "already complete" in extract_here(capsys, *extract, "--init", "fisher")[1]
     assert run_main(["--cache", str(out), "--out", str(tmp_path / "run"), "--max-steps", "1", "--init", "fisher", "--quiet"]) == 0
 
 
@@ -343,7 +343,7 @@ def test_default_codec_and_a_cache_made_under_the_old_one(tmp_path, tiny_t5, t5_
     (zstd1 was the default before), so the same command still finds it complete."""
     assert read_manifest(t5_cache)["storage"]["codec"] == "blosc-lz4"
     out = tmp_path / "old"
-    extract = ("--model", str(tiny_t5), "--out", str(out), *T5_EXTRACT_ARGS, "--importance", "none", "--limit", "12")
+    extract = ("--model", str(tiny_t5), "--out", str(out), *T5_EXTRACT_ARGS, "--init", "random", "--limit", "12")
     assert extract_here(capsys, *extract, "--codec", "zstd1")[0] == 0
     assert "already complete" in extract_here(capsys, *extract)[1]
     code, err = extract_here(capsys, *extract, "--codec", "blosc-lz4")
@@ -356,7 +356,7 @@ def test_resuming_a_t5_cache_without_test_split_and_an_interrupted_overwrite(tmp
     sizes: the same command without --chunk-mib still finds it. (2) An --overwrite whose first
     run went straight into a new folder and was interrupted: the same command resumes it."""
     flags = [a for a in T5_EXTRACT_ARGS if a not in ("--chunk-mib", "0.01", "--shard-mib", "0.04")]
-    base = ("--model", str(tiny_t5), *flags, "--importance", "none", "--limit", "12", "--splits", "train,validation")
+    base = ("--model", str(tiny_t5), *flags, "--init", "random", "--limit", "12", "--splits", "train,validation")
     out = tmp_path / "c"
     assert extract_here(capsys, *base, "--out", str(out), "--chunk-mib", "0.02")[0] == 0
     assert "already complete" in extract_here(capsys, *base, "--out", str(out))[1]
@@ -377,8 +377,9 @@ def test_fisher_scores_of_an_encoder_do_not_depend_on_the_global_rng(tmp_path):
     import torch
     from make_tiny_t5 import make_random_encoder
 
-    from backbone_cache.extract import Extraction, parse_args
-    from backbone_cache.importance import compute_importance
+    from backbone_cache.extract import parse_args
+    from backbone_cache.extraction import Extraction
+    from backbone_cache.importance import fisher_scores
 
     model = make_random_encoder(tmp_path / "bert", d_model=32, layers=2, heads=2, d_ff=64)
     extraction = Extraction(parse_args(["--model", str(model), "--out", str(tmp_path / "cache"), "--limit", "16",
@@ -386,6 +387,6 @@ def test_fisher_scores_of_an_encoder_do_not_depend_on_the_global_rng(tmp_path):
     runs = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        runs.append(compute_importance(extraction.backbone, extraction.spec, extraction.plans["train"], "fisher", 8, quiet=True))
+        runs.append(fisher_scores(extraction.backbone, extraction.spec, extraction.plans["train"], 8, quiet=True))
     assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert any(v.abs().sum() > 0 for v in runs[0].values())

@@ -19,7 +19,7 @@ def short_run(tiny_t5, tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     cache, run = root / "cache", root / "run"
     run_cli("backbone_cache.extract", "--model", str(tiny_t5), "--out", str(cache), *T5_EXTRACT_ARGS,
-            "--max-length", "24", "--importance", "none")
+            "--max-length", "24", "--init", "random")
     run_cli("side_train.run", "--cache", str(cache), "--out", str(run), "--max-steps", "3", "--init", "magnitude", "--quiet")
     return cache, run
 
@@ -29,14 +29,26 @@ def test_texts_are_cut_at_the_lengths_the_run_trained_on(short_run):
     config = json.loads((run / "config.json").read_text())
     assert config["inputs"] == {"max_length": 24, "max_target_length": 128}
     assert Predictor.from_run(run, "cpu").max_length == 24  # not side_train.run's own --max-length default
-    # a run folder from before `inputs` was recorded: the lengths come from its cache's manifest
-    del config["inputs"]
-    (run / "config.json").write_text(json.dumps(config))
-    try:
-        assert Predictor.from_run(run, "cpu").max_length == 24
-    finally:
-        config["inputs"] = {"max_length": 24, "max_target_length": 128}
-        (run / "config.json").write_text(json.dumps(config))
+
+
+def test_a_side_model_folder_describes_itself(short_run):
+    """side_model/ names its backbone, and loading it reads the frozen LM head from that backbone's
+    safetensors alone: the reloaded network equals the trained one, head included."""
+    import torch
+    from safetensors.torch import load_file
+
+    from side_train.model import from_pretrained
+
+    cache, run = short_run
+    side = json.loads((run / "side_model" / "side_config.json").read_text())
+    assert side["family"] == "t5" and side["backbone"]["name"].endswith("tiny_t50")
+    assert len(side["backbone"]["config_fingerprint"]) == 64
+    model = from_pretrained(run / "side_model")
+    backbone_weights = load_file(str(next(__import__("pathlib").Path(side["backbone"]["name"]).glob("*.safetensors"))))
+    assert torch.equal(model.lm_head, backbone_weights["shared.weight"].float())
+    trained = load_file(str(run / "checkpoint" / "model.safetensors"))  # the weights the last step left
+    assert trained.keys() == model.state_dict().keys()
+    assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())
 
 
 def test_live_texts_get_the_labels_of_their_cached_states(short_run, tmp_path):
@@ -90,5 +102,5 @@ def test_bad_predict_input_is_one_line(short_run, tmp_path, capsys):
     (other / "manifest.json").write_text(json.dumps(manifest))
     message = one_line_error(capsys, "--run", str(run), "--cache", str(other), "--split", "validation", "--device", "cpu")
     assert "holds task" in message and "the run's task" in message
-    assert "no candidate label states" in one_line_error(capsys, "--run", str(run), "--cache", str(cache), "--split", "train",
+    assert "no 'candidates' states" in one_line_error(capsys, "--run", str(run), "--cache", str(cache), "--split", "train",
                                                          "--device", "cpu")

@@ -48,8 +48,8 @@ def test_reconstruction_error_on_real_minilm_states(minilm_cache):
 @pytest.mark.parametrize("precision", ["fp8", "int8"])
 def test_quantized_cache_reads_back_as_the_quantized_bf16_states(t5_cache, tiny_t5, tmp_path, precision):
     out = tmp_path / precision
-    run_cli("backbone_cache.extract", "--model", str(tiny_t5), "--out", str(out), *T5_EXTRACT_ARGS, "--precision", precision,
-            "--importance", "none")
+    run_cli("backbone_cache.extract", "--model", str(tiny_t5), "--out", str(out), *T5_EXTRACT_ARGS, "--storage", precision,
+            "--init", "random")
     manifest, reference = read_manifest(out), read_manifest(t5_cache)
     assert manifest["storage"]["precision"] == precision
     for stack in ("encoder", "decoder"):
@@ -75,6 +75,6 @@ def test_quantized_cache_reads_back_as_the_quantized_bf16_states(t5_cache, tiny_
         path.write_bytes(kept)
     shard_path(out, "train", "encoder", 1, "scale").unlink()
     again = run_cli("backbone_cache.extract", "--model", str(tiny_t5), "--out", str(out), *T5_EXTRACT_ARGS,
-                    "--precision", precision, "--importance", "none", "--overwrite")
+                    "--storage", precision, "--init", "random", "--overwrite")
     assert "already complete" not in again.stdout + again.stderr
     run_cli("backbone_cache.verify", str(out), "--quiet")

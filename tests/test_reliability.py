@@ -53,7 +53,7 @@ def test_altered_shard_is_caught_by_verify_and_by_training(cache_copy, tmp_path)
 
 
 def test_truncated_shard_is_caught(cache_copy, tmp_path):
-    path = shard_path(cache_copy, "validation", "decoder", 0)
+    path = shard_path(cache_copy, "validation", "candidates", 0)  # a stack evaluation reads
     path.write_bytes(path.read_bytes()[:-100])
     assert_one_line_error(run_cli("backbone_cache.verify", str(cache_copy), "--quiet", check=False), "failed its checksum")
     train_fails(cache_copy, tmp_path, "failed its checksum")
@@ -101,7 +101,7 @@ def test_missing_manifest_and_other_format_version(cache_copy, tmp_path):
     manifest = read_manifest(cache_copy)
     manifest["format_version"] = 0
     (cache_copy / "manifest.json").write_text(json.dumps(manifest))
-    train_fails(cache_copy, tmp_path, "format version 0", "reads version 1")
+    train_fails(cache_copy, tmp_path, "format version 0", "reads version 2")
     assert_one_line_error(run_cli("backbone_cache.verify", str(cache_copy), check=False), "format version 0")
     (cache_copy / "manifest.json").unlink()
     train_fails(cache_copy, tmp_path, "no manifest.json")
@@ -216,7 +216,7 @@ def _shards_done(out: Path) -> int:
 
 def test_extraction_killed_at_random_points_ends_identical(tiny_t5, tmp_path):
     """SIGKILL at several random points, rerun each time; the final cache equals an uninterrupted one."""
-    args = ["--model", str(tiny_t5), *T5_EXTRACT_ARGS, "--batch-size", "2", "--importance", "none"]
+    args = ["--model", str(tiny_t5), *T5_EXTRACT_ARGS, "--batch-size", "2", "--init", "random"]
     reference = tmp_path / "reference"
     run_cli("backbone_cache.extract", "--out", str(reference), *args)
     total = sum(s["num_shards"] for sp in read_manifest(reference)["splits"].values() for s in sp["stacks"].values())

@@ -11,7 +11,9 @@ import pytest
 import torch
 from conftest import assert_one_line_error, needs_minilm, run_cli
 
-from side_train.model import LadderSideNetwork, SideConfig, side_layers
+from side_train.data import Batch
+from side_train.families.t5 import T5SideConfig, T5SideNetwork
+from side_train.model import from_pretrained, side_layers
 from side_train.run import parse_args, run
 
 
@@ -20,8 +22,8 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in lines if r["type"] == "train"]
 
 
-def t5_base_side_config(layers: list[int]) -> SideConfig:
-    return SideConfig(family="t5", backbone_d=768, backbone_d_ff=3072, backbone_d_kv=64, num_heads=12,
+def t5_base_side_config(layers: list[int]) -> T5SideConfig:
+    return T5SideConfig(backbone_d=768, backbone_d_ff=3072, backbone_d_kv=64, num_heads=12,
                       num_backbone_layers=12, num_backbone_decoder_layers=12, reduction=8,
                       encoder_layers=layers, decoder_layers=layers, vocab_size=32128)
 
@@ -30,13 +32,13 @@ def test_parameter_count_matches_the_reference():
     """T5-base, r = 8, 9 side layers: 3.88M trainable, 1.74% of the 222,882,048-parameter backbone."""
     layers = side_layers(12, drop=3)
     assert layers == [1, 2, 3, 5, 6, 7, 9, 10, 11]
-    model = LadderSideNetwork(t5_base_side_config(layers), lm_head=torch.zeros(32128, 768))
+    model = T5SideNetwork(t5_base_side_config(layers), torch.zeros(32128, 768))
     n = model.trainable_parameters()
     # the reference counts 24 gate scalars (one per backbone layer, 6 unused); we keep one per side layer
     assert n == 3_878_712 - 6
     assert round(n / 1e6, 2) == 3.88 and round(100 * n / 222_882_048, 2) == 1.74
     assert model.lm_head.requires_grad is False and "lm_head" not in dict(model.named_parameters())
-    all_layers = LadderSideNetwork(t5_base_side_config(list(range(12))), lm_head=torch.zeros(32128, 768))
+    all_layers = T5SideNetwork(t5_base_side_config(list(range(12))), torch.zeros(32128, 768))
     assert round(all_layers.trainable_parameters() / 1e6, 2) == 5.10  # notes §1.9: all 12 layers
 
 
@@ -79,7 +81,7 @@ def test_no_backbone_parameter_gets_a_gradient_or_changes(tiny_t5, tmp_path, mon
         seen["before"] = {k: v.clone() for k, v in backbone.model.state_dict().items()}
         return original(cfg, backbone, init, scores, seed)
 
-    monkeypatch.setattr("side_train.run.build_side_network", spy)
+    monkeypatch.setattr("side_train.runs.build_side_network", spy)
     run(_args("--model", str(tiny_t5), "--out", str(tmp_path / "r"), "--limit", "24", "--max-steps", "3", "--init", "magnitude"))
     model = seen["backbone"].model
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
@@ -88,18 +90,17 @@ def test_no_backbone_parameter_gets_a_gradient_or_changes(tiny_t5, tmp_path, mon
 
 
 def tiny_side_and_batch(dropout: float = 0.1):
-    from types import SimpleNamespace
-
     torch.manual_seed(0)
-    cfg = SideConfig(family="t5", backbone_d=64, backbone_d_ff=128, backbone_d_kv=16, num_heads=4, num_backbone_layers=3,
+    cfg = T5SideConfig(backbone_d=64, backbone_d_ff=128, backbone_d_kv=16, num_heads=4, num_backbone_layers=3,
                      num_backbone_decoder_layers=3, reduction=4, encoder_layers=[0, 1, 2], decoder_layers=[0, 2], vocab_size=100,
                      dropout=dropout)
-    side = LadderSideNetwork(cfg, lm_head=torch.randn(100, 64))
+    side = T5SideNetwork(cfg, torch.randn(100, 64))
     enc_mask = torch.ones(4, 10, dtype=torch.bool)
     enc_mask[0, 7:] = False
-    batch = SimpleNamespace(enc_states=torch.randn(4, 10, 4, 64).bfloat16(), enc_mask=enc_mask,
-                            dec_states=torch.randn(4, 3, 3, 64).bfloat16(), dec_mask=torch.ones(4, 3, dtype=torch.bool),
-                            dec_labels=torch.randint(0, 100, (4, 3)))
+    batch = Batch(torch.arange(4), torch.zeros(4, dtype=torch.float64),
+                  states={"encoder": torch.randn(4, 10, 4, 64).bfloat16(), "decoder": torch.randn(4, 3, 3, 64).bfloat16()},
+                  masks={"encoder": enc_mask, "decoder": torch.ones(4, 3, dtype=torch.bool)},
+                  targets={"decoder": torch.randint(0, 100, (4, 3))})
     return side, batch
 
 
@@ -108,7 +109,7 @@ def loss_and_gradients(side, batch):
 
     side.train().zero_grad()
     torch.manual_seed(1)
-    with SavedTensorCounter(exclude=[*device_tensors(side), batch.enc_states, batch.dec_states]) as counter:
+    with SavedTensorCounter(exclude=[*device_tensors(side), *batch.states.values()]) as counter:
         loss = side.loss(batch)
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in side.parameters()], counter.saved_bytes
@@ -129,7 +130,7 @@ def test_ladders_save_the_bf16_states_not_a_float_copy(monkeypatch):
 
 
 def test_ladder_projection_with_dropout_matches_the_float_computation():
-    from side_train.model import _LadderProjection
+    from side_train.kernels import _LadderProjection
 
     torch.manual_seed(0)
     states = torch.randn(4, 10, 64).bfloat16()
@@ -149,7 +150,7 @@ def test_ladder_projection_with_dropout_matches_the_float_computation():
 
 
 def test_cpu_dropout_mask_has_the_rate_and_follows_torch_rng():
-    from side_train.model import keep_mask
+    from side_train.kernels import keep_mask
 
     cpu = torch.device("cpu")
     torch.manual_seed(3)
@@ -172,7 +173,7 @@ def test_cpu_dropout_mask_has_the_rate_and_follows_torch_rng():
 
 
 def test_cpu_dropout_scales_kept_values_and_their_gradient():
-    from side_train.model import dropout
+    from side_train.kernels import dropout
 
     torch.manual_seed(0)
     x = torch.randn(64, 256, requires_grad=True)
@@ -187,7 +188,7 @@ def test_cpu_dropout_scales_kept_values_and_their_gradient():
 
 @pytest.mark.parametrize("training", [True, False])
 def test_folded_lm_head_equals_the_direct_product(monkeypatch, training):
-    import side_train.model as model_module
+    import side_train.kernels as kernels
 
     side, _ = tiny_side_and_batch()
     torch.nn.init.normal_(side.upsample.weight)
@@ -195,10 +196,10 @@ def test_folded_lm_head_equals_the_direct_product(monkeypatch, training):
     s = torch.randn(4, 3, side.cfg.d)
     results = []
     for fold in (False, True):
-        monkeypatch.setattr(model_module, "_fold_pays", lambda *args, fold=fold: fold)
+        monkeypatch.setattr(kernels, "fold_pays", lambda *args, fold=fold: fold)
         side.zero_grad()
         with torch.set_grad_enabled(training):
-            logits = side.vocab_logits(s)
+            logits = kernels.vocab_logits(s, side.upsample, side.cfg.lm_scale, side.lm_head, side.frozen_head)
         if training:
             logits.square().sum().backward()
         results.append((logits.detach(), side.upsample.weight.grad, side.upsample.bias.grad))
@@ -209,11 +210,11 @@ def test_folded_lm_head_equals_the_direct_product(monkeypatch, training):
 
 
 def test_lm_head_is_folded_only_where_it_saves_work():
-    from side_train.model import _fold_pays
+    from side_train.kernels import fold_pays
 
     # T5-base, r = 8 (d 96 of 768): a training batch of 100 x 2 label tokens folds, 12 tokens do not
-    assert _fold_pays(200, 96, 768, training=True) and not _fold_pays(12, 96, 768, training=True)
-    assert _fold_pays(120, 96, 768, training=False) and not _fold_pays(100, 96, 768, training=False)
+    assert fold_pays(200, 96, 768, training=True) and not fold_pays(12, 96, 768, training=True)
+    assert fold_pays(120, 96, 768, training=False) and not fold_pays(100, 96, 768, training=False)
 
 
 def test_recompute_gives_the_same_loss_and_gradients_with_less_saved():
@@ -228,15 +229,16 @@ def test_recompute_gives_the_same_loss_and_gradients_with_less_saved():
 
 
 def test_attention_dropout_is_separate_and_saved(tmp_path):
-    from side_train.model import Attention, Dropout
+    from side_train.kernels import Dropout
+    from side_train.model import Attention
 
     side, batch = tiny_side_and_batch()
     side.cfg.attention_dropout = 0.0
-    side = LadderSideNetwork(side.cfg, lm_head=side.lm_head)
+    side = T5SideNetwork(side.cfg, side.lm_head)
     assert {m.dropout for m in side.modules() if isinstance(m, Attention)} == {0.0}
     assert {m.p for m in side.modules() if isinstance(m, Dropout)} == {0.1}
     side.save_pretrained(tmp_path)
-    assert LadderSideNetwork.from_pretrained(tmp_path, side.lm_head).cfg.attention_p == 0.0
+    assert from_pretrained(tmp_path, side.lm_head).cfg.attention_p == 0.0
     side.train()
     torch.manual_seed(0)
     first = side.loss(batch)
@@ -245,16 +247,15 @@ def test_attention_dropout_is_separate_and_saved(tmp_path):
 
 
 def test_pruned_init_equals_slices_of_the_backbone(tiny_t5):
-    from backbone_cache.importance import magnitude_importance, row_scores
+    from backbone_cache.importance import magnitude_scores
     from shared.backbones import load_backbone
-    from side_train.prune import init_t5_from_backbone
 
     backbone = load_backbone(str(tiny_t5), torch.device("cpu"))
     state = backbone.model.state_dict()
-    cfg = SideConfig(family="t5", backbone_d=64, backbone_d_ff=128, backbone_d_kv=16, num_heads=4, num_backbone_layers=3,
+    cfg = T5SideConfig(backbone_d=64, backbone_d_ff=128, backbone_d_kv=16, num_heads=4, num_backbone_layers=3,
                      num_backbone_decoder_layers=3, reduction=4, encoder_layers=[1, 2], decoder_layers=[0, 2], vocab_size=30522)
-    side = LadderSideNetwork(cfg, lm_head=state["lm_head.weight"])
-    kept = init_t5_from_backbone(side, state, row_scores(backbone.model, magnitude_importance(backbone.model)))
+    side = T5SideNetwork(cfg, state["lm_head.weight"])
+    kept = side.init_from_backbone(state, magnitude_scores(backbone))
     # encoder block 1 -> side block 0
     K, K_att = kept["encoder.1"]["self"]
     block = side.encoder.blocks[0]
@@ -278,14 +279,14 @@ def test_pruned_init_equals_slices_of_the_backbone(tiny_t5):
 
 def test_candidate_scoring_agrees_with_greedy_generation(tiny_t5, tmp_path):
     from side_train.evaluate import predict
-    from side_train.recipe import materialize, open_sources
+    from side_train.recipe import data_sources, open_sources
 
-    args = _args("--model", str(tiny_t5), "--out", str(tmp_path / "r"), "--limit", "48", "--epochs", "6", "--lr", "1e-2",
-                 "--init", "magnitude")
-    run(args)
-    sources = open_sources(args, torch.device("cpu"))
-    model = LadderSideNetwork.from_pretrained(tmp_path / "r" / "side_model", sources.backbone.lm_head()[0])
-    test = materialize(sources, model.cfg, None)["test"]
+    config = _args("--model", str(tiny_t5), "--out", str(tmp_path / "r"), "--limit", "48", "--epochs", "6", "--lr", "1e-2",
+                   "--init", "magnitude")
+    run(config)
+    sources = open_sources(config.source, torch.device("cpu"))
+    model = from_pretrained(tmp_path / "r" / "side_model")
+    test = data_sources(sources, model.cfg)["test"]
     scored = predict(model, test, sources.spec, torch.device("cpu"), 16, "candidates")
     generated = predict(model, test, sources.spec, torch.device("cpu"), 16, "generate")
     valid = generated >= 0
@@ -293,15 +294,28 @@ def test_candidate_scoring_agrees_with_greedy_generation(tiny_t5, tmp_path):
     assert np.array_equal(scored[valid], generated[valid])
 
 
-def test_save_and_load_round_trip(t5_cache, tmp_path):
-    run(_args("--cache", str(t5_cache), "--out", str(tmp_path / "r"), "--max-steps", "2"))
+def test_save_and_load_round_trip(t5_cache, tmp_path, monkeypatch):
+    """side_model/ reloads to the weights training ended with (captured in memory), frozen head included."""
+    import side_train.runs as runs
+
+    trained = {}
+    real_finish = runs.finish_member
+
+    def capture(member, *args, **kwargs):
+        model = member.trainee.state.model
+        trained.update({k: v.detach().clone() for k, v in model.state_dict().items()}, lm_head=model.lm_head.clone())
+        return real_finish(member, *args, **kwargs)
+
+    monkeypatch.setattr(runs, "finish_member", capture)
+    run(_args("--cache", str(t5_cache), "--out", str(tmp_path / "r"), "--max-steps", "2", "--lr", "1e-2"))
     folder = tmp_path / "r" / "side_model"
     cfg = json.loads((folder / "side_config.json").read_text())
     assert cfg["reduction"] == 8 and cfg["family"] == "t5"
-    lm_head = torch.randn(30522, 64)
-    a = LadderSideNetwork.from_pretrained(folder, lm_head)
-    b = LadderSideNetwork.from_pretrained(folder, lm_head)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    loaded = from_pretrained(folder)  # the LM head comes from the backbone's safetensors
+    assert loaded.state_dict().keys() == trained.keys() - {"lm_head"}
+    assert all(torch.equal(v, trained[k]) for k, v in loaded.state_dict().items())
+    assert torch.equal(loaded.lm_head, trained["lm_head"])
+    assert not torch.equal(trained["encoder.gate_alpha"], torch.zeros_like(trained["encoder.gate_alpha"]))  # it trained
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert {"trainable_parameters", "trainable_share", "peak_memory_bytes", "test_last", "test_at_best_validation",
             "validation_best", "train_seconds"} <= summary.keys()
@@ -361,7 +375,7 @@ def test_a_refused_run_leaves_no_run_behind(t5_cache, tmp_path, capsys):
 def test_missing_split_is_reported(tiny_t5, tmp_path):
     cache = tmp_path / "c"
     run_cli("backbone_cache.extract", "--model", str(tiny_t5), "--out", str(cache), "--limit", "6", "--splits", "validation",
-            "--importance", "none", "--quiet")
+            "--init", "random", "--quiet")
     proc = run_cli("side_train.run", "--cache", str(cache), "--out", str(tmp_path / "r"), "--init", "magnitude", check=False)
     assert_one_line_error(proc, "no train split")
 
@@ -374,19 +388,19 @@ needs_cpu_bf16 = pytest.mark.skipif(not __import__("side_train.train", fromlist=
 def test_bf16_side_step_on_a_cpu_tracks_float32():
     """Under CPU autocast the ladders take the bf16 states as they are (no float32 copy), and
     the loss and gradients follow the float32 step to bf16 accuracy."""
-    import side_train.model as model_module
+    import side_train.kernels as kernels
 
     side, batch = tiny_side_and_batch(dropout=0.1)
     torch.nn.init.normal_(side.upsample.weight, std=0.1)
     loss, grads, _ = loss_and_gradients(side, batch)
     seen = []
-    original = model_module._dropped
-    model_module._dropped = lambda x, keep, scale: seen.append((x.dim(), x.shape[-1], x.dtype)) or original(x, keep, scale)
+    original = kernels._dropped
+    kernels._dropped = lambda x, keep, scale: seen.append((x.dim(), x.shape[-1], x.dtype)) or original(x, keep, scale)
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low, low_grads, _ = loss_and_gradients(side, batch)
     finally:
-        model_module._dropped = original
+        kernels._dropped = original
     ladder_inputs = {dtype for dim, width, dtype in seen if width == 64}  # backbone width: the embedding ladders
     attention_maps = {dtype for dim, width, dtype in seen if dim == 4}
     assert ladder_inputs == {torch.bfloat16} and attention_maps == {torch.bfloat16}  # no float32 copy of the states
@@ -394,11 +408,11 @@ def test_bf16_side_step_on_a_cpu_tracks_float32():
     flat, low_flat = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in low_grads])
     assert torch.nn.functional.cosine_similarity(flat, low_flat, dim=0) > 0.99
     # the frozen LM head's bf16 copy is made once, not every step
-    first = side._lm_head_in(torch.bfloat16)
-    assert side._lm_head_in(torch.bfloat16) is first and torch.equal(first, side.lm_head.bfloat16())
+    first = side.frozen_head(side.lm_head, torch.bfloat16)
+    assert side.frozen_head(side.lm_head, torch.bfloat16) is first and torch.equal(first, side.lm_head.bfloat16())
     side.lm_head.mul_(2)  # changed in place: the copy follows
-    assert torch.equal(side._lm_head_in(torch.bfloat16), side.lm_head.bfloat16())
-    assert side._lm_head_in(torch.float32) is side.lm_head
+    assert torch.equal(side.frozen_head(side.lm_head, torch.bfloat16), side.lm_head.bfloat16())
+    assert side.frozen_head(side.lm_head, torch.float32) is side.lm_head
 
 
 def test_rms_norm_rounds_once_to_the_dtype_the_products_take():
@@ -448,17 +462,17 @@ def test_bf16_is_refused_on_a_cpu_without_it(t5_cache, tmp_path, monkeypatch):
     assert train_module.uses_bf16("auto", torch.device("cpu")) is False
 
 
-def test_run_folder_from_before_the_precision_setting_is_still_the_same_run(t5_cache, tmp_path):
+def test_a_run_folder_of_another_version_is_a_one_line_error(t5_cache, tmp_path):
     out, flags = tmp_path / "r", ["--cache", str(t5_cache), "--max-steps", "1", "--quiet", "--device", "cpu"]
     run_cli("side_train.run", *flags, "--out", str(out))
     config = json.loads((out / "config.json").read_text())
-    assert config["identity"]["train"].pop("precision") == "auto"  # as a folder written before the settings existed
-    assert config["identity"]["train"].pop("step_dtype") == "float32"
+    assert config["run_folder_version"] == 2
+    config["run_folder_version"] = 1
     (out / "config.json").write_text(json.dumps(config))
     again = run_cli("side_train.run", *flags, "--out", str(out), check=False)
-    assert_one_line_error(again, "already holds this finished run")  # recognised, not "a different run"
-    other = run_cli("side_train.run", *flags, "--out", str(out), "--precision", "fp32", check=False)
-    assert_one_line_error(other, "its train.precision is auto, the flags give fp32")
+    assert_one_line_error(again, "holds a run of another version of this tool", "--overwrite")
+    other = run_cli("side_train.run", *flags, "--out", str(tmp_path / "r2"), "--limit", "3", check=False)
+    assert_one_line_error(other, "--limit sets how a live run cuts its data", "drop --limit")
 
 
 def test_a_run_is_not_resumed_where_its_step_would_change_dtype(t5_cache, tmp_path, monkeypatch):
@@ -504,17 +518,16 @@ def test_losses_read_in_groups_log_the_same_lines(t5_cache, tmp_path, monkeypatc
 def test_magnitude_scores_are_float32_on_the_cpu_whatever_the_weights(tiny_t5):
     """A backbone on a GPU runs in bf16: its magnitude scores must rank rows as float32 CPU
     scores do, and live on the CPU where the side network is initialised."""
-    from transformers import T5ForConditionalGeneration
+    from backbone_cache.importance import magnitude_scores
+    from shared.backbones import load_backbone
 
-    from side_train.prune import magnitude_scores
-
-    state = T5ForConditionalGeneration.from_pretrained(tiny_t5).state_dict()
-    rounded = {k: v.bfloat16() for k, v in state.items()}
+    rounded = load_backbone(str(tiny_t5), torch.device("cpu"), dtype=torch.bfloat16)
     scores = magnitude_scores(rounded)
-    expected = magnitude_scores({k: v.float() for k, v in rounded.items()})
+    rounded.model.float()
+    expected = magnitude_scores(rounded)
     assert scores.keys() == expected.keys() and "encoder.block.0.layer.0.SelfAttention.qkv" in scores
     assert all(s.dtype == torch.float32 and s.device.type == "cpu" and torch.equal(s, expected[k]) for k, s in scores.items())
-    assert scores["shared.rows"].shape == (state["shared.weight"].shape[0],)
+    assert scores["shared.columns"].shape == (rounded.d_model,)
 
 
 def test_cache_live_refuses_a_device_that_computes_in_another_dtype(t5_cache, tmp_path, monkeypatch):

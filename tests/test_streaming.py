@@ -38,7 +38,7 @@ def test_block_shuffle_is_a_deterministic_permutation_by_pools():
     assert max(sizes[:-1]) < 4096 + lengths.max()
 
 
-@pytest.mark.parametrize("workers", ["inline", "0", "1"])
+@pytest.mark.parametrize("workers", ["inline", "thread", "1"])
 def test_disk_tier_gives_the_same_losses_as_ram(t5_cache, tmp_path, workers):
     common = ["--cache", str(t5_cache), "--epochs", "2", "--batch-size", "8", "--warmup-steps", "2", "--quiet"]
     ram = run(parse_args([*common, "--tier", "ram", "--out", str(tmp_path / "ram")]))
@@ -50,17 +50,17 @@ def test_disk_tier_gives_the_same_losses_as_ram(t5_cache, tmp_path, workers):
 
 def test_reader_modes_and_their_defaults(monkeypatch):
     from shared.errors import UserError
-    from side_train.recipe import default_reader_workers, reader_mode
+    from side_train.recipe import default_reader, reader_mode
 
-    assert [reader_mode(t) for t in ("inline", "Thread", "0", "3")] == ["inline", "thread", "thread", 3]
-    for bad in ("-1", "fast", "1.5"):
+    assert [reader_mode(t) for t in ("inline", "Thread", "3")] == ["inline", "thread", 3]
+    for bad in ("-1", "0", "fast", "1.5"):
         with pytest.raises(UserError, match="not a reader mode"):
             reader_mode(bad)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert default_reader_workers(torch.device("cpu")) == "inline"  # the step needs both cores
-    assert default_reader_workers(torch.device("cuda")) == "thread"  # the CPU is free while the GPU steps
+    assert default_reader(torch.device("cpu")) == "inline"  # the step needs both cores
+    assert default_reader(torch.device("cuda")) == "thread"  # the CPU is free while the GPU steps
     monkeypatch.setattr("os.cpu_count", lambda: 16)
-    assert default_reader_workers(torch.device("cpu")) == 1
+    assert default_reader(torch.device("cpu")) == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
@@ -70,13 +70,13 @@ def test_streamed_batches_reach_the_gpu_from_pinned_memory(t5_cache, workers):
     from side_train.streaming import StreamingSplit
 
     manifest = read_manifest(t5_cache)
-    split = StreamingSplit(t5_cache, manifest, "train", [0, 1, 2], [0, 1, 2], workers=workers, pin_memory=True)
+    split = StreamingSplit(t5_cache, manifest, "train", {"encoder": [0, 1, 2], "decoder": [0, 1, 2]}, workers=workers, pin_memory=True)
     seen = 0
     for _index, batch in split.stream(epoch_batches(split.lengths, 8, 0, 0)):
-        assert batch.enc_states.is_pinned() and batch.dec_states.is_pinned()  # pinned by the reader, not the step
+        assert all(t.is_pinned() for t in batch.states.values())  # pinned by the reader, not the step
         moved = batch.to(torch.device("cuda"))
-        assert moved.enc_states.is_cuda and torch.equal(moved.enc_states.cpu(), batch.enc_states)
-        assert torch.equal(moved.dec_labels.cpu(), batch.dec_labels)
+        assert moved.states["encoder"].is_cuda and torch.equal(moved.states["encoder"].cpu(), batch.states["encoder"])
+        assert torch.equal(moved.targets["decoder"].cpu(), batch.targets["decoder"])
         seen += batch.size
     assert seen == split.num_examples
 
@@ -94,9 +94,9 @@ def test_streaming_reads_only_the_layers_used(t5_cache, monkeypatch):
 
     monkeypatch.setattr(data.StackReader, "read_tokens", spy)
     manifest = read_manifest(t5_cache)
-    split = StreamingSplit(t5_cache, manifest, "train", [2], [0], workers="thread")  # encoder states 0 and 3, decoder 0 and 1
+    split = StreamingSplit(t5_cache, manifest, "train", {"encoder": [2], "decoder": [0]}, workers="thread")  # encoder 0, 3; decoder 0, 1
     batches = list(split.stream(epoch_batches(split.lengths, 8, 0, 0)))
-    assert len(batches) == 5 and batches[0][1].enc_states.shape[2] == 2
+    assert len(batches) == 5 and batches[0][1].states["encoder"].shape[2] == 2
     assert {(name, sl.start, sl.stop) for name, sl in requested} == {("encoder", 0, 1), ("encoder", 3, 4), ("decoder", 0, 2)}
     chunks = zarr.open_array(str(t5_cache / "train" / "encoder" / "hidden"), mode="r").metadata.codecs[0].chunk_shape
     assert chunks[1] == 1  # one layer per inner chunk, so skipped layers are never decoded

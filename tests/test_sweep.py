@@ -15,12 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import needs_minilm
 from safetensors.torch import load_file
 
 from shared.errors import UserError
 from side_train import run as solo
 from side_train import sweep as sweep_mod
+from side_train import sweep_plan
+from side_train.runs import Member
 from side_train.train import TrainState
+
+pytestmark = needs_minilm  # the tiny BERT borrows the embedded MiniLM's tokenizer files
 
 SHARED = ["--init", "magnitude", "--epochs", "2", "--batch-size", "16", "--warmup-steps", "3", "--lr", "1e-2"]
 GRID = ["drop_layers=0,1", "seed=0,1"]
@@ -60,7 +65,7 @@ def cache(tmp_path_factory, one_thread) -> Path:
     model = make_tiny_bert(root / "bert")
     out = root / "cache"
     assert extract(["--model", str(model), "--out", str(out), "--limit", "40", "--max-length", "24",
-                    "--importance", "magnitude", "--quiet"]) == 0
+                    "--init", "magnitude", "--quiet"]) == 0
     return out
 
 
@@ -130,7 +135,7 @@ def test_sweep_results_tables_and_plots(finished_sweep):
 def test_killed_sweep_resumes_and_keeps_finished_runs(cache, finished_sweep, tmp_path, monkeypatch, capsys):
     out = tmp_path / "s"  # streamed from disk this time: the same batches as the finished sweep's RAM tier
     argv = ["--cache", str(cache), "--out", str(out), "--grid", *GRID, "--quiet", "--max-parallel", "1", "--tier", "disk",
-            "--reader-workers", "0", *SHARED]
+            "--reader", "thread", *SHARED]
     real_step, calls = TrainState.step, {"n": 0}
 
     def dies_on_step_11(self, *args, **kwargs):
@@ -160,28 +165,28 @@ def test_killed_sweep_resumes_and_keeps_finished_runs(cache, finished_sweep, tmp
 def test_configs_file_and_errors(cache, tmp_path, capsys):
     path = tmp_path / "configs.yaml"
     path.write_text("grid:\n  lr: [1e-2, 3e-3]\nconfigs:\n  - {name: top, side_layers: [1, 2]}\n  - {reduction: 8}\n")
-    grid, entries = sweep_mod.load_config_file(path)
+    grid, entries = sweep_plan.load_config_file(path)
     assert grid == {"lr": ["1e-2", "3e-3"]} and entries == [{"name": "top", "side_layers": "1,2"}, {"reduction": "8"}]
-    configurations = sweep_mod.expand(entries, grid)
+    configurations = sweep_plan.expand(entries, grid)
     assert len(configurations) == 4 and configurations[0] == {"lr": "1e-2", "name": "top", "side_layers": "1,2"}
-    assert sweep_mod.parse_grid(["reduction=4,8", "lr=1e-3"]) == {"reduction": ["4", "8"], "lr": ["1e-3"]}
-    assert sweep_mod.parse_bytes("1.5GiB") == 3 * 2**29 and sweep_mod.parse_bytes("500MB") == 500 * 2**20
+    assert sweep_plan.parse_grid(["reduction=4,8", "lr=1e-3"]) == {"reduction": ["4", "8"], "lr": ["1e-3"]}
+    assert sweep_plan.parse_bytes("1.5GiB") == 3 * 2**29 and sweep_plan.parse_bytes("500MB") == 500 * 2**20
     for bad in (["lr"], ["lr="], ["lr=1", "lr=2"]):
         with pytest.raises(UserError, match="--grid"):
-            sweep_mod.parse_grid(bad)
+            sweep_plan.parse_grid(bad)
     with pytest.raises(UserError, match="memory-budget"):
-        sweep_mod.parse_bytes("lots")
+        sweep_plan.parse_bytes("lots")
     base = ["--cache", str(cache), "--out", str(tmp_path / "bad"), "--quiet"]
-    for grid_item, message in (("width=1,2", "not a side_train.run option"), ("limit=5,6", "fixed for the whole sweep"),
+    for grid_item, message in (("width=1,2", "not a setting a sweep can vary"), ("limit=5,6", "fixed for the whole sweep"),
                                ("reader=inline,thread", "fixed for the whole sweep"),
-                               ("reduction=5,8", "does not divide"), ("reduction=8,abc", "invalid int value: 'abc'")):
+                               ("reduction=5,8", "does not divide"), ("reduction=8,abc", "reduction='abc' is not a valid int")):
         assert sweep_mod.main([*base, "--grid", grid_item]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err  # one line, no usage text
     assert sweep_mod.main([*base, "--grid", "reduction=8,16", "--reduction", "4"]) == 2
     assert "both in the grid and a shared flag (--reduction)" in capsys.readouterr().err
-    assert sweep_mod.main([*base, "--grid", "reduction=8,16", "--reduc", "4"]) == 2  # argparse's abbreviation, caught by value
-    assert "both in the grid and a shared flag" in capsys.readouterr().err
+    assert sweep_mod.main([*base, "--grid", "reduction=8,16", "--reduc", "4"]) == 2  # no abbreviations
+    assert "unrecognized arguments: --reduc 4" in capsys.readouterr().err
     assert sweep_mod.main([*base, "--grid", "reduction=8", "--no-such-flag"]) == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
     # --out: never into a cache, a run folder or a file; a sweep refused for lack of Fisher scores writes no run folder
@@ -196,15 +201,15 @@ def test_configs_file_and_errors(cache, tmp_path, capsys):
 
 
 def test_plan_passes_respects_budget_and_count():
-    def member(name: str, resident: int, step: int) -> sweep_mod.Member:
-        m = sweep_mod.Member(name, {}, None, None, None, Path(name), {})
+    def member(name: str, resident: int, step: int) -> Member:
+        m = Member(name, None, None, None, Path(name), {})
         m.resident_bytes, m.step_bytes = resident, step
         return m
 
     members = [member(str(i), r, 10) for i, r in enumerate([30, 20, 20, 40, 5])]  # alone: 40, 30, 30, 50, 15
     resident = lambda passes: [[m.resident_bytes for m in p] for p in passes]  # noqa: E731
-    assert sweep_mod.pass_bytes(members) == 125  # steps run one at a time: one step's memory on top
-    assert resident(sweep_mod.plan_passes(members, None, 0)) == [[30, 20, 20, 40, 5]]
-    assert resident(sweep_mod.plan_passes(members, 80, 0)) == [[30, 20, 20], [40, 5]]
-    assert resident(sweep_mod.plan_passes(members, 80, 2)) == [[30, 20], [20, 40], [5]]
-    assert resident(sweep_mod.plan_passes(members, 20, 0)) == [[30], [20], [20], [40], [5]]  # too big alone: still runs
+    assert sweep_plan.pass_bytes(members) == 125  # steps run one at a time: one step's memory on top
+    assert resident(sweep_plan.plan_passes(members, None, 0)) == [[30, 20, 20, 40, 5]]
+    assert resident(sweep_plan.plan_passes(members, 80, 0)) == [[30, 20, 20], [40, 5]]
+    assert resident(sweep_plan.plan_passes(members, 80, 2)) == [[30, 20], [20, 40], [5]]
+    assert resident(sweep_plan.plan_passes(members, 20, 0)) == [[30], [20], [20], [40], [5]]  # too big alone: still runs

@@ -1,0 +1,61 @@
+"""Typed settings shared by both phases: which backbone, and which data cut how."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from shared.errors import UserError
+from shared.tasks import Example, TaskSpec, load_task
+
+
+@dataclass
+class ModelConfig:
+    """A backbone: a hub name or a folder (None: the embedded default).
+
+    `gguf_file`: a GGUF file in the folder `name`; `shared.cli.model_config` resolves it into
+    the safetensors folder converted from it (`shared.backbones.gguf_folder`), which `name` then is."""
+
+    name: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    gguf_file: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """A task and how its examples are cut (the same settings in extract, run, sweep and compare)."""
+
+    task: str | None = None  # GLUE name, "local", or None (the embedded default)
+    data: dict[str, str] = field(default_factory=dict)  # local files: split -> path
+    text_fields: list[str] = field(default_factory=list)
+    label_field: str = "label"
+    label_kind: str | None = None  # "class", "regression", or None: from the label column
+    max_length: int = 128  # source tokens per example
+    max_target_length: int = 128  # target tokens per example (T5)
+    limit: int | None = None  # first N examples of each split
+
+    def check(self) -> None:
+        for name in ("max_length", "max_target_length"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.limit is not None and self.limit <= 0:
+            raise UserError(f"--limit must be positive, got {self.limit}")
+
+    def load(self) -> tuple[TaskSpec, dict[str, list[Example]]]:
+        """The task and its splits, each cut at `limit`."""
+        self.check()
+        spec, splits = load_task(self.task, {k: Path(v) for k, v in self.data.items()}, self.text_fields, self.label_field,
+                                 self.label_kind)
+        if self.limit:
+            splits = {s: examples[: self.limit] for s, examples in splits.items()}
+        return spec, splits
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["data"] = {k: str(Path(v).resolve()) for k, v in self.data.items()}
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict) -> DataConfig:
+        return cls(**obj)

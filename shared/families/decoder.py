@@ -1,0 +1,372 @@
+"""The decoder family: decoder-only causal LMs (Llama, Qwen2, Qwen3, Mistral, Gemma, Gemma 2, Gemma 3).
+
+Prompting. Each example becomes one prompt, `PromptTemplate.render`: one line per text field
+("Review: <text>") and a cue ("Sentiment:"); the label words continue the cue (" negative",
+" positive" for the default Rotten Tomatoes task, `PROMPTS`; other tasks: " <label name>").
+Ids are the tokenizer's own leading special tokens (Gemma's and Llama's `<bos>`; none for
+Qwen) then the prompt; trailing special tokens a tokenizer appends are dropped, so the last
+position is the cue's last token. A prompt longer than `--max-length` loses the end of its
+longest field, never the cue.
+
+Stacks, all right-padded with attention masks (a causal model's real positions never see the
+padding, so each example's states are its own):
+- `decoder` (primary): the prompt's states: state 0 is the input of block 0, i.e. the
+  embedding output as the model scales it (Gemma: times sqrt(hidden)), then every block's
+  output, hooked *before* the final norm (transformers' last hidden state is after it).
+- `candidates` (evaluation splits): for each label word, the states of its tokens
+  teacher-forced after the prompt (the prompt is recomputed for each candidate), with
+  `labels` = the next token of the word (-100 after its last). The first token of every word
+  is scored at the prompt's last position, so for one-token label words (the default task)
+  nothing in this stack is ever read: its one state per candidate is then zeros and the
+  backbone is not run for it (zeros compress to almost nothing). Regression tasks have no
+  label words and one such placeholder candidate.
+
+The LM head is the output embedding (tied or not), scale 1.0; where the config has
+`final_logit_softcapping` (Gemma 2) the side network applies it to its candidate logits too.
+Fisher importance differentiates the frozen model's own label-word cross-entropy at the
+prompt's last position over the candidates' first tokens (regression: a linear probe on the
+last token's final state, as the encoder family's probe). GGUF checkpoints are converted once
+to a safetensors folder (`convert_gguf`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shared.errors import UserError
+from shared.families.base import Backbone, ScoreTargets, StackSpec
+from shared.families.encoder import ENCODER_MODEL_TYPES, fit_probe, probe_loss
+from shared.tasks import Example, TaskSpec
+from shared.tokens import LABEL_PAD, TokenBatch
+
+# model types whose checkpoints this family knows (any other config whose architectures end in ForCausalLM is accepted too)
+DECODER_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3"}
+
+# the projections of a Llama-style block, as transformers names them
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How a task's examples become prompts: a key before each text field, a cue, and the label words."""
+
+    keys: tuple[str, ...]
+    cue: str
+    words: tuple[str, ...]  # one per class, in label order (empty: regression)
+
+    def render(self, fields: list[str]) -> str:
+        lines = [f"{key} {text}" for key, text in zip(self.keys, fields)]
+        return "\n".join([*lines, self.cue])
+
+
+PROMPTS: dict[str, PromptTemplate] = {
+    "rotten_tomatoes": PromptTemplate(("Review:",), "Sentiment:", (" negative", " positive")),
+    "sst2": PromptTemplate(("Review:",), "Sentiment:", (" negative", " positive")),
+    "cola": PromptTemplate(("Sentence:",), "Grammatical:", (" no", " yes")),
+    "mrpc": PromptTemplate(("Sentence 1:", "Sentence 2:"), "Same meaning:", (" no", " yes")),
+    "qqp": PromptTemplate(("Question 1:", "Question 2:"), "Same question:", (" no", " yes")),
+    "mnli": PromptTemplate(("Premise:", "Hypothesis:"), "Relation:", (" entailment", " neutral", " contradiction")),
+    "qnli": PromptTemplate(("Question:", "Sentence:"), "Answered:", (" yes", " no")),
+    "rte": PromptTemplate(("Premise:", "Hypothesis:"), "Entailed:", (" yes", " no")),
+    "stsb": PromptTemplate(("Sentence 1:", "Sentence 2:"), "Similarity:", ()),
+}
+
+
+def prompt_template(spec: TaskSpec) -> PromptTemplate:
+    """The task's template: `PROMPTS`, else one "Field name:" line per text field, "Answer:" and " <label name>"."""
+    if spec.name in PROMPTS and len(PROMPTS[spec.name].keys) == len(spec.text_fields):
+        return PROMPTS[spec.name]
+    keys = tuple(f"{f.replace('_', ' ').capitalize()}:" for f in spec.text_fields)
+    words = () if spec.label_kind == "regression" else tuple(f" {name.replace('_', ' ')}" for name in spec.label_names)
+    return PromptTemplate(keys, "Answer:", words)
+
+
+def text_config(config):
+    """The language model's config (a multimodal Gemma 3 config holds it as its text config)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def find_text_model(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
+    """(name, module) of the module holding `embed_tokens` and the block list `layers` (Llama-style)."""
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "layers", None), torch.nn.ModuleList) and hasattr(module, "embed_tokens"):
+            return name, module
+    raise UserError(f"{type(model).__name__} has no `embed_tokens` and `layers` blocks; the decoder family reads "
+                    "Llama-style causal LMs (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3)")
+
+
+def is_llama_style(layer: torch.nn.Module) -> bool:
+    """Whether a block has the projections the side network and the importance scores read."""
+    names = {n for n, _ in layer.named_modules()}
+    return all(f"self_attn.{p}" in names for p in ATTENTION_PROJECTIONS) and all(f"mlp.{p}" in names for p in MLP_PROJECTIONS)
+
+
+def convert_gguf(source: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint into a safetensors folder `out` (float32, with its tokenizer), via
+    transformers' GGUF loader (needs the `gguf` and `accelerate` packages). Written beside and renamed into place."""
+    import transformers
+
+    for package in ("gguf", "accelerate"):
+        try:
+            __import__(package)
+        except ImportError:
+            raise UserError(f"reading a GGUF file needs the {package!r} package; pip install gguf accelerate") from None
+    folder, name = str(source.parent), source.name
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    print(f"converting {source} to safetensors in {out} (once)", file=sys.stderr)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # save_pretrained refuses a GGUF-loaded model while it still looks quantized; its weights are plain float32 now
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    staging.rename(out)
+
+
+class DecoderBackbone(Backbone):
+    family = "decoder"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config = text_config(self.model.config)
+        c = self.config
+        self.d_model = int(c.hidden_size)
+        self.num_layers = int(c.num_hidden_layers)
+        self.num_heads = int(c.num_attention_heads)
+        self.text_model_name, self.text_model = find_text_model(self.model)
+        self.layers = self.text_model.layers
+        self._prefix = self._leading_special_tokens()
+
+    @classmethod
+    def accepts(cls, config) -> bool:
+        if getattr(config, "is_encoder_decoder", False) or config.model_type in ENCODER_MODEL_TYPES:
+            return False
+        architectures = getattr(config, "architectures", None) or []
+        return config.model_type in DECODER_MODEL_TYPES or any(a.endswith("ForCausalLM") for a in architectures)
+
+    @classmethod
+    def load_model(cls, path: str, config, **common) -> torch.nn.Module:
+        import transformers
+
+        return transformers.AutoModelForCausalLM.from_pretrained(path, config=config, use_safetensors=True, **common)
+
+    convert_gguf = staticmethod(convert_gguf)
+
+    def stacks(self, with_candidates: bool = True) -> list[StackSpec]:
+        states = self.num_layers + 1
+        return [StackSpec("decoder", states)] + ([StackSpec("candidates", states, per_candidate=True)] if with_candidates else [])
+
+    # --- tokens -------------------------------------------------------------------------------
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _leading_special_tokens(self) -> list[int]:
+        """The ids the tokenizer puts before a text (Gemma, Llama: `<bos>`; Qwen: none)."""
+        plain = self._encode("a")
+        full = self.tokenizer("a")["input_ids"]
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return list(full[:start])
+        return []
+
+    def prompt_ids(self, fields: list[str], template: PromptTemplate, max_length: int) -> list[int]:
+        """The prompt's ids, at most `max_length`: the end of the longest field is cut, never the cue."""
+        fields = list(fields)
+        for _ in range(8):
+            ids = self._prefix + self._encode(template.render(fields))
+            excess = len(ids) - max_length
+            if excess <= 0:
+                return ids
+            lengths = [len(self._encode(f)) for f in fields]
+            longest = max(range(len(fields)), key=lambda i: lengths[i])
+            if lengths[longest] == 0:
+                break
+            kept = self._encode(fields[longest])[: max(0, lengths[longest] - excess)]
+            fields[longest] = self.tokenizer.decode(kept)
+        cue = self._encode(template.cue)
+        return (self._prefix + self._encode(template.render(fields)))[: max(0, max_length - len(cue))] + cue
+
+    def word_ids(self, word: str, template: PromptTemplate) -> list[int]:
+        """A label word's tokens as they continue the cue (the cue's tokens then the word's, when the
+        cue tokenizes alike alone and followed by the word; else the word alone)."""
+        cue = self._encode(template.cue)
+        joined = self._encode(template.cue + word)
+        ids = joined[len(cue) :] if joined[: len(cue)] == cue and len(joined) > len(cue) else self._encode(word)
+        if not ids:
+            raise UserError(f"label word {word!r} has no tokens; check the task's label names")
+        return ids
+
+    def candidate_token_ids(self, spec: TaskSpec) -> list[list[int]]:
+        """Each label word's tokens, in label order (regression: none)."""
+        template = prompt_template(spec)
+        return [self.word_ids(w, template) for w in template.words]
+
+    def tokenize(self, examples: list[Example], spec: TaskSpec, max_length: int, max_target_length: int):
+        template = prompt_template(spec)
+        return {"decoder": {"input_ids": [self.prompt_ids(ex.texts, template, max_length) for ex in examples]}}
+
+    def candidate_inputs(self, spec: TaskSpec, max_target_length: int):
+        words = self.candidate_token_ids(spec)[:] or [[self._placeholder_id()]]
+        words = [w[:max_target_length] for w in words]
+        return {"candidates": {"input_ids": words, "labels": [w[1:] + [LABEL_PAD] for w in words]}}
+
+    def _placeholder_id(self) -> int:
+        for token in (self.tokenizer.eos_token_id, self.tokenizer.bos_token_id, self.tokenizer.pad_token_id):
+            if token is not None:
+                return int(token)
+        return 0
+
+    def candidate_labels(self, spec: TaskSpec) -> list[str]:
+        return list(prompt_template(spec).words) or [""]
+
+    # --- states -------------------------------------------------------------------------------
+
+    def run_blocks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """States [B, L, 1 + blocks, d]: the input of block 0, then every block's output (before the final norm)."""
+        captured: list[torch.Tensor] = []
+
+        def first_input(_module, args, kwargs):
+            captured.append(args[0] if args else kwargs["hidden_states"])
+
+        def output(_module, _inputs, out):
+            captured.append(out[0] if isinstance(out, tuple) else out)
+
+        hooks = [self.layers[0].register_forward_pre_hook(first_input, with_kwargs=True)]
+        hooks += [layer.register_forward_hook(output) for layer in self.layers]
+        try:
+            # an all-ones mask is dropped, so a batch of one runs exactly as the model alone
+            mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+            self.text_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return torch.stack(captured, dim=2)
+
+    @torch.inference_mode()
+    def states(self, batch: TokenBatch) -> dict[str, torch.Tensor]:
+        prompt = batch["decoder"]
+        out = {"decoder": self.run_blocks(prompt["input_ids"], prompt.get("attention_mask"))}
+        if "candidates" in batch:
+            out["candidates"] = self.candidate_states(prompt, batch["candidates"])
+        return out
+
+    def candidate_states(self, prompt: dict[str, torch.Tensor], cand: dict[str, torch.Tensor]) -> torch.Tensor:
+        """States [B x K, M, 1 + blocks, d] of each candidate's tokens teacher-forced after its example's
+        prompt (prompt + word run as one sequence); zeros where no candidate token is ever scored."""
+        ids, mask = cand["input_ids"], cand["attention_mask"].bool()
+        rows, width = ids.shape
+        if not bool((cand["labels"] != LABEL_PAD).any()):
+            return torch.zeros(rows, width, self.num_layers + 1, self.d_model, dtype=self.dtype, device=ids.device)
+        prompt_mask = prompt.get("attention_mask")
+        prompt_ids = prompt["input_ids"]
+        if prompt_mask is None:
+            prompt_mask = torch.ones_like(prompt_ids)
+        k = rows // prompt_ids.shape[0]
+        starts = prompt_mask.sum(1).repeat_interleave(k)
+        words = mask.sum(1)
+        total = int((starts + words).max())
+        packed = torch.zeros(rows, total, dtype=ids.dtype, device=ids.device)
+        packed_mask = torch.zeros(rows, total, dtype=torch.long, device=ids.device)
+        for r in range(rows):
+            n, m = int(starts[r]), int(words[r])
+            packed[r, :n] = prompt_ids[r // k, :n]
+            packed[r, n : n + m] = ids[r, :m]
+            packed_mask[r, : n + m] = 1
+        states = self.run_blocks(packed, packed_mask)
+        index = (starts[:, None] + torch.arange(width, device=ids.device)[None]).clamp(max=total - 1)
+        picked = states[torch.arange(rows, device=ids.device)[:, None], index]
+        return picked.masked_fill(~mask[:, :, None, None], 0)
+
+    def final_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The final-normed state of each sequence's last real token [B, d] (with gradients where enabled)."""
+        mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+        hidden = self.text_model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+        rows = torch.arange(len(input_ids), device=hidden.device)
+        last = attention_mask.sum(1) - 1 if attention_mask is not None else torch.full_like(rows, input_ids.shape[1] - 1)
+        return hidden[rows, last.to(hidden.device)]
+
+    # --- the LM head ----------------------------------------------------------------------------
+
+    def lm_head(self) -> tuple[torch.Tensor, float]:
+        """The output embedding [V, d] (the input embedding where tied) and scale 1.0."""
+        return self.model.get_output_embeddings().weight, 1.0
+
+    def final_logit_softcap(self) -> float | None:
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return float(cap) if cap else None
+
+    def lm_head_tensor_names(self) -> list[str]:
+        """Tied: the input embedding (as saved now, and as older multimodal Gemma 3 checkpoints name it); else lm_head."""
+        if not self.tied():
+            return ["lm_head.weight"]
+        return list(dict.fromkeys([f"{self.text_model_name}.embed_tokens.weight", "model.embed_tokens.weight",
+                                   "language_model.model.embed_tokens.weight", "lm_head.weight"]))
+
+    def tied(self) -> bool:
+        return self.model.get_output_embeddings().weight is self.text_model.embed_tokens.weight
+
+    def candidate_logits(self, hidden: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+        """The frozen head's logits of `token_ids` only [..., len(token_ids)] (with the config's softcap)."""
+        head = self.lm_head()[0]
+        logits = hidden.to(head.dtype) @ head[torch.tensor(token_ids, device=head.device)].t()
+        cap = self.final_logit_softcap()
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    # --- importance ---------------------------------------------------------------------------
+
+    def layer_name(self, i: int) -> str:
+        return f"{self.text_model_name}.layers.{i}"
+
+    def score_targets(self) -> ScoreTargets:
+        """Rows of every block's q/k/v/o and gate/up/down projections, and the embedding's columns (q, k and
+        v are scored apart: under grouped-query attention their rows differ in number)."""
+        if not is_llama_style(self.layers[0]):
+            raise UserError(f"the pruned init does not know the blocks of {self.config.model_type!r}; train it with --init random")
+        rows = []
+        for i in range(self.num_layers):
+            rows += [f"{self.layer_name(i)}.self_attn.{p}" for p in ATTENTION_PROJECTIONS]
+            rows += [f"{self.layer_name(i)}.mlp.{p}" for p in MLP_PROJECTIONS]
+        return ScoreTargets(rows=rows, qkv=[], columns=[f"{self.text_model_name}.embed_tokens"])
+
+    def fisher_objective(self, batches, labels, spec):
+        """The frozen model's label-word cross-entropy at the prompt's last position over the candidates'
+        distinct first tokens, per example; regression: a linear probe on the last token's final state."""
+        if spec.label_kind == "regression":
+            with torch.no_grad():
+                features = torch.cat([self.final_state(b["decoder"]["input_ids"], b["decoder"]["attention_mask"]).float()
+                                      for b in batches])
+            loss_fn = probe_loss(spec)
+            with torch.enable_grad():
+                probe = fit_probe(features, torch.cat(labels).to(features.device), 1, loss_fn)
+
+            def regression_losses(batch: TokenBatch, example_labels: torch.Tensor) -> torch.Tensor:
+                state = self.final_state(batch["decoder"]["input_ids"], batch["decoder"]["attention_mask"]).float()
+                return loss_fn(probe(state), example_labels.to(self.device), reduction="none")
+
+            return regression_losses
+        firsts, targets = first_token_classes(self.candidate_token_ids(spec))
+
+        def losses(batch: TokenBatch, example_labels: torch.Tensor) -> torch.Tensor:
+            stack = batch["decoder"]
+            logits = self.candidate_logits(self.final_state(stack["input_ids"], stack["attention_mask"]), firsts).float()
+            target = torch.tensor(targets, device=logits.device)[example_labels.long().to(logits.device)]
+            return torch.nn.functional.cross_entropy(logits, target, reduction="none")
+
+        return losses
+
+
+def first_token_classes(words: list[list[int]]) -> tuple[list[int], list[int]]:
+    """(the distinct first tokens of the label words, in order of first use; each word's index among them)."""
+    firsts = list(dict.fromkeys(w[0] for w in words))
+    return firsts, [firsts.index(w[0]) for w in words]
