@@ -15,7 +15,8 @@ from shared.errors import cli_entry
 from shared.tasks import SPLITS
 
 
-def parse_args(argv: list[str] | None) -> ExtractConfig:
+def parse_command(argv: list[str] | None) -> tuple[ExtractConfig, bool]:
+    """The ExtractConfig of the flags, and whether --dry-run was given."""
     p = Parser(prog="python -m backbone_cache.extract", description=__doc__.split("\n")[0])
     add_model_arguments(p)
     add_data_arguments(p)
@@ -39,6 +40,9 @@ def parse_args(argv: list[str] | None) -> ExtractConfig:
                         "(magnitude and random need none)")
     p.add_argument("--fisher-samples", type=int, default=1024, help="training examples for Fisher importance")
     p.add_argument("--overwrite", action="store_true", help="replace a complete or different cache at --out")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the tokens, the cache size per storage precision and layer subset, and the estimated time; "
+                        "write nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     config = ExtractConfig(
@@ -48,13 +52,21 @@ def parse_args(argv: list[str] | None) -> ExtractConfig:
         fisher_samples=args.fisher_samples, overwrite=args.overwrite, quiet=args.quiet,
     )
     config.check()
-    return config
+    return config, args.dry_run
+
+
+def parse_args(argv: list[str] | None) -> ExtractConfig:
+    """The ExtractConfig of the flags (the Python API's way to build one from a command line)."""
+    return parse_command(argv)[0]
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
+    config, dry_run = parse_command(argv)
     extraction = Extraction(config)
+    if dry_run:
+        print(extraction.dry_run())
+        return 0
     folder = extraction.run()
     m = extraction.manifest
     total = sum(s["num_tokens"] for sp in m["splits"].values() for s in sp["stacks"].values())

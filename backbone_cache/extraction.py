@@ -97,6 +97,22 @@ class ExtractConfig:
                 DEFAULT_SHARD_MIB if self.shard_mib is None else self.shard_mib)
 
 
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:,.1f} TiB"
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:,.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:,.1f} min"
+    return f"{seconds / 3600:,.1f} h"
+
+
 def parse_layers(text: str, available: int) -> list[int]:
     if text == "all":
         return list(range(available))
@@ -379,6 +395,56 @@ class Extraction:
         values = np.asarray(values)
         array = group.create_array(name, shape=values.shape, chunks=(max(1, min(len(values), 1 << 20)),), dtype=values.dtype, fill_value=0)
         array[:] = values
+
+    # --- sizing before any forward pass (--dry-run) ----------------------------------------
+
+    def state_bytes(self, storage: str, layers: int) -> int:
+        """Bytes per token of `layers` stored states at a storage precision, before compression."""
+        d = self.info.d_model
+        per_state = {"bf16": 2 * d, "fp8": d + 4, "int8": d + 4 + 2 * self.config.outlier_channels}[storage]
+        return per_state * layers
+
+    def dry_run(self, timed_batches: int = 3) -> str:
+        """What the extraction would store, as a report: tokens per split and stack, the cache size per
+        storage precision and layer subset, and the time estimated from a few timed batches (nothing is written)."""
+        lines = [f"dry run: {self.info.name} ({self.info.family}), task {self.spec.name}; nothing is written", "",
+                 "| split | stack | sequences | tokens | states per token (kept / all) |", "|---|---|---|---|---|"]
+        tokens = {}
+        all_states = {s.name: s.num_states for s in self.backbone.stacks()}
+        for split, plan in self.plans.items():
+            for stack, offsets in plan.offsets.items():
+                tokens[(split, stack)] = int(offsets[-1])
+                lines.append(f"| {split} | {stack} | {len(offsets) - 1:,} | {int(offsets[-1]):,} | "
+                             f"{len(self.layers[stack])} / {all_states[stack]} |")
+        total_tokens = sum(tokens.values())
+        lines += ["", f"cache size before compression ({total_tokens:,} stored tokens; {self.codec} typically stores real "
+                      "states 1.3-1.4x smaller, benchmarks/RESULTS.md):", "",
+                  "| storage | the kept states (--layers) | all states | one state per token |", "|---|---|---|---|"]
+        for storage in STORAGE_DTYPES:
+            kept = sum(n * self.state_bytes(storage, len(self.layers[stack])) for (_, stack), n in tokens.items())
+            every = sum(n * self.state_bytes(storage, all_states[stack]) for (_, stack), n in tokens.items())
+            one = sum(n * self.state_bytes(storage, 1) for n in tokens.values())
+            mark = " (chosen)" if storage == self.config.storage else ""
+            lines.append(f"| {storage}{mark} | {format_bytes(kept)} | {format_bytes(every)} | {format_bytes(one)} |")
+        lines += ["", self.time_estimate(timed_batches)]
+        return "\n".join(lines)
+
+    def time_estimate(self, timed_batches: int) -> str:
+        """Seconds per primary token from a few batches spread over the largest split, times all tokens."""
+        plan = max(self.plans.values(), key=lambda p: p.num_examples)
+        picks = sorted({int(i) for i in np.linspace(0, len(plan.batches) - 1, min(timed_batches, len(plan.batches)))})
+        primary = plan.offsets[plan.stacks[0].name]
+        self.forward_batch(plan, plan.batches[picks[-1]])  # warm-up (kernels, allocator), not timed
+        start, timed_tokens = time.perf_counter(), 0
+        for index in picks:
+            rows = plan.batches[index]
+            self.forward_batch(plan, rows)
+            timed_tokens += int(primary[rows.stop] - primary[rows.start])
+        per_token = (time.perf_counter() - start) / max(timed_tokens, 1)
+        total = sum(int(p.offsets[p.stacks[0].name][-1]) for p in self.plans.values())
+        return (f"time: about {format_seconds(per_token * total)} for the backbone's forward passes on {self.device} "
+                f"({len(picks)} timed batches of {plan.name}, {timed_tokens:,} tokens, {1 / per_token:,.0f} tokens/s; "
+                "writing overlaps the forwards; Fisher scores come on top)")
 
     # --- the forward loop -----------------------------------------------------------------
 

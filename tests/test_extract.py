@@ -390,3 +390,20 @@ def test_fisher_scores_of_an_encoder_do_not_depend_on_the_global_rng(tmp_path):
         runs.append(fisher_scores(extraction.backbone, extraction.spec, extraction.plans["train"], 8, quiet=True))
     assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert any(v.abs().sum() > 0 for v in runs[0].values())
+
+
+def test_dry_run_sizes_the_cache_and_writes_nothing(tmp_path, tiny_t5, t5_cache, capsys):
+    """--dry-run: the bf16 size it prints is the stored states' raw size of the same extraction."""
+    from backbone_cache.extraction import format_bytes
+
+    from backbone_cache.extract import main
+
+    out = tmp_path / "never"
+    assert main(["--model", str(tiny_t5), "--out", str(out), *T5_EXTRACT_ARGS, "--dry-run"]) == 0
+    report = capsys.readouterr().out
+    assert not out.exists()
+    manifest = read_manifest(t5_cache)  # the same flags, extracted for real
+    raw = sum(m["num_tokens"] * len(m["layers"]) * manifest["model"]["d_model"] * 2
+              for split in manifest["splits"].values() for m in split["stacks"].values())
+    assert f"| bf16 (chosen) | {format_bytes(raw)} |" in report
+    assert "| validation | candidates | 80 |" in report and "time: about" in report
