@@ -105,6 +105,19 @@ def test_sweep_member_matches_run_alone(cache, finished_sweep, tmp_path, name, f
         assert same_weights(member / folder, alone / folder), folder
 
 
+def test_a_sweep_of_one_is_a_run(cache, tmp_path):
+    """side_train.sweep with one configuration and side_train.run with the same flags: the same
+    losses, metrics and weights, bit for bit (both go through side_train.runs.train_pass)."""
+    flags = ["--drop-layers", "1", "--seed", "1"]
+    assert solo.main(["--cache", str(cache), "--out", str(tmp_path / "alone"), *SHARED, *flags]) == 0
+    assert sweep_mod.main(["--cache", str(cache), "--out", str(tmp_path / "s"), "--grid", "seed=1", "--quiet",
+                           *SHARED, "--drop-layers", "1"]) == 0
+    member, alone = tmp_path / "s" / "runs" / "seed=1", tmp_path / "alone"
+    assert records(member / "metrics.jsonl") == records(alone / "metrics.jsonl")
+    for folder in ("side_model", "best_side_model", "checkpoint"):
+        assert same_weights(member / folder, alone / folder), folder
+
+
 def test_sweep_results_tables_and_plots(finished_sweep):
     with open(finished_sweep / "runs.csv") as f:
         runs = list(csv.DictReader(f))
