@@ -178,6 +178,8 @@ class Extraction:
         m = config.model
         self.backbone = backbone or load_backbone(m.name, self.device, revision=m.revision, trust_remote_code=m.trust_remote_code)
         self.info = self.backbone.info()
+        if config.init == "fisher" and "train" in self.splits:
+            self.backbone.score_targets()  # a backbone the pruned init cannot map is refused before any work
         self.layers = {s.name: parse_layers(config.layers, s.num_states) for s in self.backbone.stacks()}
         d = config.data
         self.plans: dict[str, SplitPlan] = {

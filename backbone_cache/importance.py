@@ -11,11 +11,13 @@ an encoder, the loss of a linear probe fitted on its frozen pooled states).
 Per target we store the L1 of its importance over each row (`<linear>.rows`), over the
 vocabulary for each hidden dim of the word embeddings (`<embedding>.columns`), and for every
 attention the L1 over each row of the elementwise product of the q, k and v importances
-(`<attention>.qkv`), which is how the reference scores attention rows.
+(`<attention>.qkv`), which is how the reference scores attention rows; a fused qkv weight
+(target `(attention, fused, chunks)`) is cut into its q, k and v row chunks first.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +32,18 @@ def reduce_scores(importance: dict[str, torch.Tensor], targets: ScoreTargets) ->
     """Full importance tensors (by module name) -> the stored per-row scores of `targets`."""
     scores = {f"{name}.rows": importance[name].abs().sum(1) for name in targets.rows}
     scores.update({f"{name}.columns": importance[name].abs().sum(0) for name in targets.columns})
-    for attention, q, k, v in targets.qkv:
-        scores[f"{attention}.qkv"] = (importance[q] * importance[k] * importance[v]).abs().sum(1)
+    for attention, *parts in targets.qkv:
+        if len(parts) == 2:  # (attention, fused, chunks): the fused weight's rows are q, k, v in equal chunks
+            parts = importance[parts[0]].chunk(parts[1], 0)
+        else:
+            parts = [importance[name] for name in parts]
+        scores[f"{attention}.qkv"] = math.prod(parts[1:], start=parts[0]).abs().sum(1)
     return {k: v.float().contiguous().cpu() for k, v in scores.items()}
 
 
 def target_weights(model: torch.nn.Module, targets: ScoreTargets) -> dict[str, torch.Tensor]:
     """The weight of every module `targets` names."""
-    names = {*targets.rows, *targets.columns, *(n for group in targets.qkv for n in group[1:])}
+    names = {*targets.rows, *targets.columns, *(n for group in targets.qkv for n in group[1:] if isinstance(n, str))}
     return {name: model.get_submodule(name).weight for name in sorted(names)}
 
 

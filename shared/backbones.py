@@ -45,7 +45,7 @@ def gguf_folder(name: str | None, gguf_file: str) -> Path:
         except (OSError, ValueError, ImportError) as err:
             raise UserError(f"could not read GGUF file {source}: {str(err).splitlines()[0][:200]}") from None
         family = family_of(config)
-        convert = getattr(family, "convert_gguf", None)
+        convert = family.convert_gguf
         if convert is None:
             raise UserError(f"the {family.family} family does not read GGUF files; pass a safetensors folder")
         convert(source, out)

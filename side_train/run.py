@@ -46,7 +46,8 @@ def build_parser() -> Parser:
     g.add_argument("--attention-dropout", type=float, default=None,
                    help="dropout on the attention probabilities (default: --dropout, as the reference); 0 lets fused "
                         "attention kernels run and makes the side step much cheaper at long lengths")
-    g.add_argument("--pooling", default="mean", choices=["mean", "cls"], help="encoder family: pooling before the head")
+    g.add_argument("--pooling", default="mean", choices=["mean", "cls", "last"],
+                   help="classification head input: mean over tokens, the first token (encoders) or the last real token (decoders)")
     g = p.add_argument_group("training")
     g.add_argument("--out", default="runs/lst", help="run folder (resumed if it holds the same unfinished run)")
     g.add_argument("--epochs", type=int, default=None, help="default: the task's (20 small, 10 large)")

@@ -62,7 +62,7 @@ OPTIONS = {
     "seed": ("train", int), "save_every": ("train", int), "recompute": ("train", _bool), "precision": ("train", str),
     "init": ("run", str), "fisher_samples": ("run", int),
 }
-FIXED = {"cache", "out", "live", "overwrite", "quiet", "device", "model", "revision", "trust_remote_code", "task", "data",
+FIXED = {"cache", "out", "live", "overwrite", "quiet", "device", "model", "revision", "gguf_file", "trust_remote_code", "task", "data",
          "text_fields", "label_field", "label_kind", "max_length", "max_target_length", "limit", "eval_mode", "tier", "reader"}
 SIZE_OPTIONS = ("reduction", "drop_layers", "side_layers")  # what moves a point along the plots' x axes
 

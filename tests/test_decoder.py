@@ -8,6 +8,7 @@ converted once per session) is checked when its packages are installed.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.util
 import json
@@ -19,6 +20,7 @@ import torch
 from conftest import needs_minilm, run_cli
 
 from shared.backbones import load_backbone
+from shared.cli import model_config
 from shared.families import family_of
 from shared.families.decoder import DecoderBackbone, prompt_template
 from shared.tasks import Example, TaskSpec, load_default
@@ -77,10 +79,10 @@ def tiny_config(kind: str):
     if kind == "mistral":
         return transformers.MistralConfig(**common, sliding_window=6, tie_word_embeddings=False)
     if kind == "gemma2":
-        return transformers.Gemma2Config(**common, query_pre_attn_scalar=16, sliding_window=6,
-                                         layer_types=["sliding_attention", "full_attention"])
+        return transformers.Gemma2Config(**common, query_pre_attn_scalar=16, sliding_window=6, attn_logit_softcapping=1.0,
+                                         final_logit_softcapping=5.0, layer_types=["sliding_attention", "full_attention"])
     if kind == "gemma3":
-        return transformers.Gemma3TextConfig(**common, query_pre_attn_scalar=16, sliding_window=6,
+        return transformers.Gemma3TextConfig(**common, query_pre_attn_scalar=32, sliding_window=6,
                                              layer_types=["sliding_attention", "full_attention"],
                                              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                                               "full_attention": {"rope_type": "default", "rope_theta": 1e6}})
@@ -170,6 +172,36 @@ def test_causal_lms_are_accepted_and_encoders_are_not():
     assert family_of(transformers.T5Config(is_encoder_decoder=True)).family == "t5"
     with pytest.raises(UserError, match="decoder \\(causal LMs"):
         family_of(transformers.GPT2Config())
+
+
+def test_multimodal_gemma3_reads_its_language_model(tokenizer_dir, tmp_path, rt_spec):
+    """A Gemma 3 image-text checkpoint: its language model's states, head (as its checkpoint names it) and side network."""
+    import shutil
+
+    import transformers
+
+    from backbone_cache.importance import magnitude_scores
+    from shared.weights import load_tensor
+
+    text = tiny_config("gemma3").to_dict()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(text_config=text, vision_config=vision,
+                                                                          mm_tokens_per_image=4)).save_pretrained(tmp_path)
+    for file in tokenizer_dir.iterdir():
+        shutil.copy(file, tmp_path / file.name)
+    bb = load_backbone(str(tmp_path), CPU)
+    assert bb.text_model_name == "model.language_model" and bb.config.model_type == "gemma3_text" and bb.num_layers == 2
+    ids = torch.tensor([[2, 5, 6, 7, 8]])
+    states = bb.states({"decoder": {"input_ids": ids, "attention_mask": torch.ones_like(ids)}})["decoder"][0]
+    with torch.inference_mode():
+        own = bb.model(input_ids=ids, output_hidden_states=True)
+    assert all(torch.equal(states[:, i], own.hidden_states[i][0]) for i in range(2))
+    assert torch.equal(load_tensor(str(tmp_path), None, bb.lm_head_tensor_names()), bb.lm_head()[0])
+    cfg = DecoderSideNetwork.config_for(bb, rt_spec, SideOptions(reduction=2))
+    side = DecoderSideNetwork(cfg, bb.lm_head()[0].detach())
+    side.init_from_backbone(bb.model.state_dict(), magnitude_scores(bb))
+    assert cfg.layer_windows == [6, None]
 
 
 # --- states ---------------------------------------------------------------------------------------
@@ -269,7 +301,7 @@ def test_side_block_at_full_width_is_the_backbone_block(backbones, rt_spec, kind
         assert cfg.rope_inv_freq["full_attention"][1] == pytest.approx(1e6 ** (-2 / 16))
         assert cfg.rope_inv_freq["sliding_attention"][1] == pytest.approx(1e4 ** (-2 / 16))
     if kind == "gemma2":
-        assert cfg.attn_softcap == 50.0 and cfg.final_softcap == 30.0
+        assert cfg.attn_softcap == 1.0 and cfg.final_softcap == 5.0
 
 
 def test_sliding_window_mask():
@@ -387,6 +419,30 @@ def test_one_token_words_are_scored_at_the_prompts_last_position(backbones, rt_s
     expected = side.token_logits(last, side.first_rows).float().log_softmax(-1)
     torch.testing.assert_close(scores, expected, rtol=0, atol=0)
     torch.testing.assert_close(scores.exp().sum(-1), torch.ones(5))
+
+
+def test_recompute_and_bf16_autocast_keep_the_loss(backbones, rt_spec):
+    from side_train.data import LiveSplit
+
+    bb = backbones["gemma3"]
+    cfg = DecoderSideNetwork.config_for(bb, rt_spec, SideOptions(reduction=2, dropout=0.0))
+    torch.manual_seed(0)
+    side = DecoderSideNetwork(cfg, bb.lm_head()[0].detach().float())
+    plan, _ = token_batch(bb, rt_examples(6), rt_spec)
+    batch = LiveSplit(bb, plan, {"decoder": cfg.decoder_layers}).batch(np.arange(6))
+    side.train()
+    plain = side.loss(batch)
+    plain.backward()
+    grads = [p.grad.clone() for p in side.parameters()]
+    side.zero_grad()
+    side.set_recompute(True)
+    again = side.loss(batch)
+    again.backward()
+    assert torch.equal(plain, again)
+    assert all(torch.allclose(a, p.grad, rtol=1e-5, atol=1e-7) for a, p in zip(grads, side.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = side.loss(batch)
+    assert abs(float(low.detach()) - float(plain.detach())) < 0.05 * float(plain.detach())
 
 
 # --- runs -------------------------------------------------------------------------------------
@@ -532,5 +588,7 @@ def test_real_gemma_states_equal_the_models_own(gemma, rt_spec):
         with torch.inference_mode():
             assert torch.equal(bb.text_model.norm(mine[:, -1]), own.hidden_states[-1][0])
         assert within_bf16_step(states["decoder"][row, : ids.shape[1]], mine)
-    # the converted folder is reused, not converted again
-    assert load_backbone(bb.name, CPU).config.num_hidden_layers == 18
+    # --gguf-file resolves to the converted folder, reused, not converted again
+    folder = Path(bb.name).parent
+    args = argparse.Namespace(model=str(folder), revision=None, trust_remote_code=False, gguf_file="gemma-3-270m-q4_k_m.gguf")
+    assert model_config(args).name == bb.name and model_config(args).gguf_file == args.gguf_file

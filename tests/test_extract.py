@@ -394,9 +394,8 @@ def test_fisher_scores_of_an_encoder_do_not_depend_on_the_global_rng(tmp_path):
 
 def test_dry_run_sizes_the_cache_and_writes_nothing(tmp_path, tiny_t5, t5_cache, capsys):
     """--dry-run: the bf16 size it prints is the stored states' raw size of the same extraction."""
-    from backbone_cache.extraction import format_bytes
-
     from backbone_cache.extract import main
+    from backbone_cache.extraction import format_bytes
 
     out = tmp_path / "never"
     assert main(["--model", str(tiny_t5), "--out", str(out), *T5_EXTRACT_ARGS, "--dry-run"]) == 0

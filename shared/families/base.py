@@ -20,6 +20,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -76,11 +77,12 @@ class ScoreTargets:
     """The parameters whose importance the pruned init reads, named as in the model.
 
     rows: Linear modules -> `<name>.rows` (L1 over each output row);
-    qkv: (attention, q, k, v) module names -> `<attention>.qkv` (L1 over each row of the
-    elementwise product of the three importances); columns: embedding modules -> `<name>.columns`."""
+    qkv: (attention, q, k, v) module names, or (attention, fused, 3) for one fused q/k/v weight
+    cut into thirds -> `<attention>.qkv` (L1 over each row of the elementwise product of the
+    three importances); columns: embedding modules -> `<name>.columns`."""
 
     rows: list[str]
-    qkv: list[tuple[str, str, str, str]]
+    qkv: list[tuple[str, str, str, str] | tuple[str, str, int]]
     columns: list[str]
 
 
@@ -129,6 +131,8 @@ class Backbone:
     def stacks(self, with_candidates: bool = True) -> list[StackSpec]:
         """The stacks stored for a split (per-candidate stacks only `with_candidates`), primary first."""
         raise NotImplementedError
+
+    convert_gguf: ClassVar[Callable[[Path, Path], None] | None] = None  # GGUF file -> safetensors folder, where the family reads GGUF
 
     # --- tokens -------------------------------------------------------------------------------
 

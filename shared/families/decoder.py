@@ -264,7 +264,8 @@ class DecoderBackbone(Backbone):
     def candidate_states(self, prompt: dict[str, torch.Tensor], cand: dict[str, torch.Tensor]) -> torch.Tensor:
         """States [B x K, M, 1 + blocks, d] of each candidate's tokens teacher-forced after its example's
         prompt (prompt + word run as one sequence); zeros where no candidate token is ever scored."""
-        ids, mask = cand["input_ids"], cand["attention_mask"].bool()
+        ids = cand["input_ids"]
+        mask = cand["attention_mask"].bool() if "attention_mask" in cand else torch.ones_like(ids, dtype=torch.bool)
         rows, width = ids.shape
         if not bool((cand["labels"] != LABEL_PAD).any()):
             return torch.zeros(rows, width, self.num_layers + 1, self.d_model, dtype=self.dtype, device=ids.device)

@@ -51,6 +51,7 @@ from side_train.prune import copy_slice, top_rows
 
 
 def activation(name: str):
+    """transformers' activation function of that name (the backbone's hidden_act / hidden_activation)."""
     from transformers.activations import ACT2FN
 
     if name not in ACT2FN:
@@ -141,6 +142,7 @@ class DecoderSideConfig(SideConfig):
 
 
 def make_norm(cfg: DecoderSideConfig, width: int) -> RMSNorm:
+    """An RMSNorm of the backbone's form (Gemma: 1 + w)."""
     return OffsetRMSNorm(width, cfg.norm_eps) if cfg.norm_offset else RMSNorm(width, cfg.norm_eps)
 
 
@@ -158,6 +160,7 @@ class OffsetRMSNorm(RMSNorm):
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dim's halves (transformers' rotary convention)."""
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
@@ -236,7 +239,9 @@ class DecoderSideBlock(nn.Module):
         self.act = activation(cfg.activation)
         self.drop = Dropout(cfg.dropout)
 
-    def forward(self, s, full_mask, sliding_mask=None, context=None):
+    def forward(self, s: torch.Tensor, full_mask: torch.Tensor, sliding_mask: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """s [B, L, d]; the additive causal masks without and with the sliding window (`context`: unused)."""
         h = self.attn(self.input_norm(s), sliding_mask if self.attn.window else full_mask)
         s = s + self.drop(self.post_attn_norm(h) if self.sandwich else h)
         h = self.pre_ff_norm(s)
@@ -266,7 +271,8 @@ class DecoderLadderStack(LadderStack):
             raise UserError(f"the backbone's layers have several sliding windows ({sorted(windows)}); one is supported")
         self.window = windows.pop() if windows else None
 
-    def block_inputs(self, mask, context_mask):
+    def block_inputs(self, mask: torch.Tensor, context_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(causal mask, causal mask with the sliding window) for every block."""
         full = causal_mask(mask)
         return full, causal_mask(mask, self.window) if self.window else full
 
@@ -355,6 +361,7 @@ class DecoderSideNetwork(SideNetwork):
 
     @staticmethod
     def last_positions(mask: torch.Tensor) -> torch.Tensor:
+        """Index of each sequence's last real token (right padding)."""
         return mask.sum(1) - 1
 
     def prompt_last(self, batch) -> torch.Tensor:
@@ -364,6 +371,7 @@ class DecoderSideNetwork(SideNetwork):
         return s[torch.arange(len(s), device=s.device), self.last_positions(mask).to(s.device)]
 
     def head_logits(self, batch) -> torch.Tensor:
+        """The last-token head's logits [B, num_labels] (float32)."""
         last = self.upsample(self.prompt_last(batch))
         return self.head(self.head_drop(last)).float()
 

@@ -1,11 +1,12 @@
 """The encoder side network: thin BERT layers over an encoder's states, pooled into a head.
 
 Side blocks are post-norm self-attention and feed-forward with biases and the backbone's
-activation (`hidden_act`), at width d/r with the backbone's head count. The side output is
-up-projected to d, mean-pooled over the real tokens (or the first token, `pooling="cls"`)
-and fed to a linear classification or regression head. The pruned init slices each side
-layer from its backbone layer, found through the backbone's layout
-(shared.families.encoder.ENCODER_LAYOUTS).
+activation (`hidden_act`, or the config's other name for it), at width d/r with the
+backbone's head count, whatever the backbone's own block (pre-norm, rotary, GeGLU or
+relative attention: docs/design.md). The side output is up-projected to d, mean-pooled over
+the real tokens (or the first token, `pooling="cls"`) and fed to a linear classification or
+regression head. The pruned init slices each side layer from its backbone layer, found
+through the backbone's layout (shared.families.encoder.ENCODER_LAYOUTS).
 """
 
 from __future__ import annotations
@@ -30,6 +31,21 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, a
                "tanh": torch.tanh}
 
 
+def activation_fn(name: str):
+    """The side blocks' activation: ours, else transformers' function of that name."""
+    if name in ACTIVATIONS:
+        return ACTIVATIONS[name]
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+def known_activation(name: object) -> bool:
+    from transformers.activations import ACT2FN
+
+    return isinstance(name, str) and (name in ACTIVATIONS or name in ACT2FN)
+
+
 @dataclass(kw_only=True)
 class EncoderSideConfig(SideConfig):
     family: str = "encoder"
@@ -37,7 +53,7 @@ class EncoderSideConfig(SideConfig):
     num_backbone_layers: int
     encoder_layers: list[int] = field(default_factory=list)
     norm_eps: float = 1e-12
-    activation: str = "gelu"  # the backbone's hidden_act
+    activation: str = "gelu"  # the backbone's hidden_act (DistilBERT: activation, ModernBERT: hidden_activation)
     pooling: str = "mean"  # or "cls"
     layout: str | None = None  # the backbone's layout (None: unknown, --init random only)
 
@@ -54,7 +70,7 @@ class EncoderSideConfig(SideConfig):
             raise UserError(f"--reduction {self.reduction} does not divide the backbone's d_ff = {self.backbone_d_ff}; pick a divisor")
         if self.d % self.num_heads:
             raise UserError(f"side width {self.d} is not divisible by {self.num_heads} heads; pick another --reduction")
-        if self.activation not in ACTIVATIONS:
+        if not known_activation(self.activation):
             raise UserError(f"the backbone's activation {self.activation!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
         if self.pooling not in ("mean", "cls"):
             raise UserError(f"--pooling must be mean or cls, got {self.pooling!r}")
@@ -76,7 +92,7 @@ class BertSideBlock(nn.Module):
         self.wi = nn.Linear(cfg.d, cfg.d_ff)
         self.wo = nn.Linear(cfg.d_ff, cfg.d)
         self.ff_norm = nn.LayerNorm(cfg.d, eps=cfg.norm_eps)
-        self.act = ACTIVATIONS[cfg.activation]
+        self.act = activation_fn(cfg.activation)
         self.drop = Dropout(cfg.dropout)
 
     def forward(self, s, self_mask, position_bias=None, cross_mask=None, context=None):
@@ -98,15 +114,15 @@ class EncoderSideNetwork(SideNetwork):
 
     @classmethod
     def config_for(cls, backbone: Backbone, spec: TaskSpec, options: SideOptions) -> EncoderSideConfig:
-        c = backbone.config
+        """Sized from the backbone's sizes, read through the config's own names (shared.families.encoder.config_value)."""
         options.check()
         cfg = EncoderSideConfig(
-            backbone_d=c.hidden_size, backbone_d_ff=c.intermediate_size, num_heads=c.num_attention_heads,
-            num_backbone_layers=c.num_hidden_layers, reduction=options.reduction, dropout=options.dropout,
-            attention_dropout=options.attention_dropout, norm_eps=getattr(c, "layer_norm_eps", 1e-12),
-            activation=getattr(c, "hidden_act", "gelu"), num_labels=spec.num_labels, label_kind=spec.label_kind,
+            backbone_d=backbone.d_model, backbone_d_ff=backbone.d_ff, num_heads=backbone.num_heads,
+            num_backbone_layers=backbone.num_layers, reduction=options.reduction, dropout=options.dropout,
+            attention_dropout=options.attention_dropout, norm_eps=backbone.norm_eps,
+            activation=backbone.activation, num_labels=spec.num_labels, label_kind=spec.label_kind,
             pooling=options.pooling, layout=layout_of(backbone.model) if backbone.model is not None else None,
-            encoder_layers=side_layers(c.num_hidden_layers, options.drop_layers, options.side_layers),
+            encoder_layers=side_layers(backbone.num_layers, options.drop_layers, options.side_layers),
             backbone=backbone_record(backbone),
         )
         cfg.check()
@@ -136,40 +152,52 @@ class EncoderSideNetwork(SideNetwork):
         return (logits.squeeze(-1) if self.cfg.label_kind == "regression" else logits.argmax(-1)).double().cpu()
 
     def init_from_backbone(self, state: dict[str, torch.Tensor], scores: dict[str, torch.Tensor]) -> dict:
-        """Prune an encoder's state dict (post-norm layers with biases) into the side encoder."""
+        """Prune an encoder's state dict into the side encoder through its layout: q, k, v (a fused qkv's
+        thirds), attention output, the two norms and the feed-forward (a GeGLU's activated half); a backbone
+        module without a bias gives a zero side bias. The first kept dims rank the embedding columns, or the
+        rows of the projection to hidden width (ELECTRA, ALBERT). A shared layer (ALBERT) gives every side
+        layer the same slices (the first backbone layer's q/k/v columns follow the embedding's dims)."""
         cfg = self.cfg
-        if cfg.layout is None:
+        if cfg.layout not in ENCODER_LAYOUTS:
             raise unknown_layout_error(cfg.backbone.get("model_type", "?"))
         layout = ENCODER_LAYOUTS[cfg.layout]
 
-        def take(param, module: str, i: int, kind: str, rows=None, cols=None) -> None:
-            copy_slice(param, state[f"{module.format(i=i)}.{kind}"], rows=rows, cols=cols)
+        def take(param, module: str, kind: str, rows=None, cols=None) -> None:
+            if f"{module}.{kind}" not in state and kind == "bias":
+                with torch.no_grad():
+                    param.zero_()
+                return
+            copy_slice(param, state[f"{module}.{kind}"], rows=rows, cols=cols)
 
-        K = top_rows(scores[f"{layout.word_embeddings}.columns"], cfg.d)
+        first = layout.embedding_target()
+        K = top_rows(scores[f"{first}.rows" if layout.embedding_projection else f"{first}.columns"], cfg.d)
         position = {layer: j for j, layer in enumerate(self.encoder.layers)}
         kept = {}
         for i in range(cfg.num_backbone_layers):
-            attention = layout.query.format(i=i).rsplit(".", 1)[0]
-            K_att = top_rows(scores[f"{attention}.qkv"], cfg.d)
-            K_new = top_rows(scores[f"{layout.attention_output.format(i=i)}.rows"], cfg.d)
-            K_ff = top_rows(scores[f"{layout.intermediate.format(i=i)}.rows"], cfg.d_ff)
-            K_next = top_rows(scores[f"{layout.output.format(i=i)}.rows"], cfg.d)
+            n = layout.names(i, cfg.num_backbone_layers)
+            K_att = top_rows(scores[f"{layout.attention(i)}.qkv"], cfg.d)
+            K_new = top_rows(scores[f"{n['attention_output']}.rows"], cfg.d)
+            ff_rows = scores[f"{n['intermediate']}.rows"]
+            K_ff = top_rows(ff_rows[: cfg.backbone_d_ff] if layout.gated else ff_rows, cfg.d_ff)
+            K_next = top_rows(scores[f"{n['output']}.rows"], cfg.d)
             if i in position:
                 block = self.encoder.blocks[position[i]]
                 attn = block.self_attn
-                for ours, theirs in (("q", layout.query), ("k", layout.key), ("v", layout.value)):
-                    take(getattr(attn, ours).weight, theirs, i, "weight", rows=K_att, cols=K)
-                    take(getattr(attn, ours).bias, theirs, i, "bias", rows=K_att)
-                take(attn.o.weight, layout.attention_output, i, "weight", rows=K_new, cols=K_att)
-                take(attn.o.bias, layout.attention_output, i, "bias", rows=K_new)
-                take(block.attn_norm.weight, layout.attention_norm, i, "weight", rows=K_new)
-                take(block.attn_norm.bias, layout.attention_norm, i, "bias", rows=K_new)
-                take(block.wi.weight, layout.intermediate, i, "weight", rows=K_ff, cols=K_new)
-                take(block.wi.bias, layout.intermediate, i, "bias", rows=K_ff)
-                take(block.wo.weight, layout.output, i, "weight", rows=K_next, cols=K_ff)
-                take(block.wo.bias, layout.output, i, "bias", rows=K_next)
-                take(block.ff_norm.weight, layout.output_norm, i, "weight", rows=K_next)
-                take(block.ff_norm.bias, layout.output_norm, i, "bias", rows=K_next)
+                modules = [n["fused_qkv"]] * 3 if layout.fused_qkv else [n["query"], n["key"], n["value"]]
+                for j, (ours, module) in enumerate(zip(("q", "k", "v"), modules)):
+                    rows = K_att + j * cfg.backbone_d if layout.fused_qkv else K_att  # a fused weight's j-th third
+                    take(getattr(attn, ours).weight, module, "weight", rows=rows, cols=K)
+                    take(getattr(attn, ours).bias, module, "bias", rows=rows)
+                take(attn.o.weight, n["attention_output"], "weight", rows=K_new, cols=K_att)
+                take(attn.o.bias, n["attention_output"], "bias", rows=K_new)
+                take(block.attn_norm.weight, n["attention_norm"], "weight", rows=K_new)
+                take(block.attn_norm.bias, n["attention_norm"], "bias", rows=K_new)
+                take(block.wi.weight, n["intermediate"], "weight", rows=K_ff, cols=K_new)
+                take(block.wi.bias, n["intermediate"], "bias", rows=K_ff)
+                take(block.wo.weight, n["output"], "weight", rows=K_next, cols=K_ff)
+                take(block.wo.bias, n["output"], "bias", rows=K_next)
+                take(block.ff_norm.weight, n["output_norm"], "weight", rows=K_next)
+                take(block.ff_norm.bias, n["output_norm"], "bias", rows=K_next)
             kept[f"encoder.{i}"] = {"in": K.clone(), "att": K_att, "mid": K_new, "ff": K_ff, "out": K_next}
             K = K_next
         return kept
