@@ -1,7 +1,8 @@
 """`python -m backbone_cache.extract`: run the frozen backbone once, store its ladder inputs.
 
 This module only turns flags into an `ExtractConfig`; the work is in
-backbone_cache.extraction (walkthrough there).
+backbone_cache.extraction (walkthrough there). Under `torchrun --nproc-per-node N -m
+backbone_cache.extract ...` the ranks share the work by whole shards (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -9,8 +10,17 @@ from __future__ import annotations
 import sys
 
 from backbone_cache.extraction import DEFAULT_CHUNK_MIB, DEFAULT_CODEC, DEFAULT_SHARD_MIB, INITS, ExtractConfig, Extraction
+from shared import distributed
 from shared.cache_format import CODECS
-from shared.cli import Parser, add_data_arguments, add_model_arguments, data_config, model_config
+from shared.cli import (
+    Parser,
+    add_data_arguments,
+    add_model_arguments,
+    add_storage_arguments,
+    data_config,
+    model_config,
+    storage_options,
+)
 from shared.errors import cli_entry
 from shared.tasks import SPLITS
 
@@ -20,7 +30,9 @@ def parse_command(argv: list[str] | None) -> tuple[ExtractConfig, bool]:
     p = Parser(prog="python -m backbone_cache.extract", description=__doc__.split("\n")[0])
     add_model_arguments(p)
     add_data_arguments(p)
-    p.add_argument("--out", required=True, help="cache folder to create (or resume)")
+    p.add_argument("--out", required=True,
+                   help="cache folder to create (or resume), or an object-storage URL: s3://bucket/prefix, gs://bucket/prefix")
+    add_storage_arguments(p)
     p.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits to extract")
     p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -39,7 +51,8 @@ def parse_command(argv: list[str] | None) -> tuple[ExtractConfig, bool]:
                    help="the pruned init the cache prepares for: fisher stores Fisher importance scores "
                         "(magnitude and random need none)")
     p.add_argument("--fisher-samples", type=int, default=1024, help="training examples for Fisher importance")
-    p.add_argument("--overwrite", action="store_true", help="replace a complete or different cache at --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a complete or different cache at --out (on object storage the old one is deleted first)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the tokens, the cache size per storage precision and layer subset, and the estimated time; "
                         "write nothing")
@@ -49,7 +62,7 @@ def parse_command(argv: list[str] | None) -> tuple[ExtractConfig, bool]:
         out=args.out, model=model_config(args), data=data_config(args), splits=[s for s in args.splits.split(",") if s],
         batch_size=args.batch_size, device=args.device, layers=args.layers, codec=args.codec, chunk_mib=args.chunk_mib,
         shard_mib=args.shard_mib, storage=args.storage, outlier_channels=args.outlier_channels, init=args.init,
-        fisher_samples=args.fisher_samples, overwrite=args.overwrite, quiet=args.quiet,
+        fisher_samples=args.fisher_samples, overwrite=args.overwrite, quiet=args.quiet, storage_options=storage_options(args),
     )
     config.check()
     return config, args.dry_run
@@ -63,15 +76,20 @@ def parse_args(argv: list[str] | None) -> ExtractConfig:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     config, dry_run = parse_command(argv)
-    extraction = Extraction(config)
-    if dry_run:
-        print(extraction.dry_run())
+    try:
+        extraction = Extraction(config)
+        if dry_run:
+            if extraction.ranks.is_main:
+                print(extraction.dry_run())
+            return 0
+        folder = extraction.run()
+        if extraction.ranks.is_main:
+            m = extraction.manifest
+            total = sum(s["num_tokens"] for sp in m["splits"].values() for s in sp["stacks"].values())
+            print(f"cache ready: {folder} ({len(m['splits'])} splits, {total:,} stored token-states per stack summed)")
         return 0
-    folder = extraction.run()
-    m = extraction.manifest
-    total = sum(s["num_tokens"] for sp in m["splits"].values() for s in sp["stacks"].values())
-    print(f"cache ready: {folder} ({len(m['splits'])} splits, {total:,} stored token-states per stack summed)")
-    return 0
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":

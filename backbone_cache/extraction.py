@@ -5,16 +5,28 @@ batch) -> create the Zarr arrays and the manifest -> for each batch, run the bac
 `torch.inference_mode`, round the unpadded states to bf16 straight into a shard buffer, and
 hand each full shard to a writer thread, which compresses and writes it while the next
 batches run and records progress -> compute importance scores -> mark the manifest complete.
-A killed run, rerun with the same settings, resumes at the first shard not recorded.
+A killed run, rerun with the same settings, resumes every shard not recorded.
 Nothing here knows a backbone family: the family's module gives the stacks and the states.
+
+Several processes (torchrun): every process plans the same batches; rank 0 creates and sizes
+the arrays and the manifest (or finds the cache to resume) and broadcasts it; the shards not
+yet recorded are dealt out to the ranks as whole shards (never two writers in one shard),
+balanced by their share of the forward work; each rank runs the batches its shards need and
+records each finished shard as its own marker object under `.progress/`; after a barrier,
+rank 0 checks every marker, computes the importance scores, writes the complete manifest and
+removes `.progress/`. The output is a location (shared.stores): a folder, or any fsspec URL
+(s3://bucket/prefix, gs://...) written through zarr's FsspecStore.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +37,7 @@ from tqdm import tqdm
 
 from backbone_cache.plan import SplitPlan, plan_split
 from backbone_cache.writer import BackgroundWriter, StackWriter
-from shared import __version__
+from shared import __version__, distributed
 from shared.allocator import keep_freed_memory
 from shared.backbones import load_backbone, pick_device
 from shared.cache_format import (
@@ -36,11 +48,11 @@ from shared.cache_format import (
     compressors,
     read_manifest,
     stack_geometry,
-    write_json_atomic,
 )
 from shared.config import DataConfig, ModelConfig
 from shared.errors import UserError
 from shared.families import Backbone
+from shared.stores import CacheLocation
 from shared.tasks import SPLITS
 from shared.tokens import unpad
 
@@ -51,13 +63,16 @@ DEFAULT_CHUNK_MIB = 1.0  # smaller chunks waste less decoding at block edges
 DEFAULT_SHARD_MIB = 256.0
 STORAGE_DTYPES = {"bf16": "uint16", "fp8": "uint8", "int8": "int8"}
 INITS = ("fisher", "magnitude", "random")  # the pruned init a cache prepares for: fisher stores its scores
+PROGRESS = ".progress"  # <split>/<stack>/<shard>: one empty marker per finished shard; removed once complete
+# test hook: "RANK:N" makes that rank exit (status 3) right after recording its N-th shard, as a killed process would
+EXIT_AFTER_SHARDS_ENV = "LST_TEST_EXIT_AFTER_SHARDS"
 
 
 @dataclass
 class ExtractConfig:
     """Everything an extraction takes (`python -m backbone_cache.extract` fills it from its flags)."""
 
-    out: str
+    out: str  # a folder, or an fsspec URL: s3://bucket/prefix, gs://bucket/prefix, ...
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     splits: list[str] = field(default_factory=lambda: list(SPLITS))
@@ -73,6 +88,7 @@ class ExtractConfig:
     fisher_samples: int = 1024
     overwrite: bool = False
     quiet: bool = False
+    storage_options: dict = field(default_factory=dict)  # fsspec options of a URL --out (credentials, endpoint_url)
 
     def check(self) -> None:
         for name in ("batch_size", "fisher_samples"):
@@ -125,10 +141,10 @@ def parse_layers(text: str, available: int) -> list[int]:
     return layers
 
 
-def existing_manifest(out: Path) -> dict | None:
+def existing_manifest(out: CacheLocation) -> dict | None:
     """The manifest of a readable cache at `out`, or None (no cache there, a damaged manifest)."""
     try:
-        return read_manifest(out) if (out / MANIFEST).is_file() else None
+        return read_manifest(out) if out.is_file(MANIFEST) else None
     except UserError:
         return None
 
@@ -154,6 +170,15 @@ def existing_codec(manifest: dict | None, default: str) -> str:
     return codec if codec in CODECS else default
 
 
+def remove_leftovers(folder: CacheLocation) -> None:
+    """Temporary files a killed process left in a local cache (zarr's `*.partial`, our `*.tmp`);
+    object stores have none (a PUT is atomic)."""
+    if folder.is_local:
+        for pattern in ("*.partial", "*.tmp"):
+            for path in folder.path.rglob(pattern):
+                path.unlink(missing_ok=True)
+
+
 def plan_fingerprint(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -164,7 +189,12 @@ class Extraction:
     def __init__(self, config: ExtractConfig, backbone: Backbone | None = None):
         config.check()
         self.config = config
+        self.out = CacheLocation.of(config.out, config.storage_options)
+        self.out.check_access()  # a missing bucket or credentials fail here, before the backbone loads
+        self.ranks = distributed.setup(config.device)
         self.device = pick_device(config.device)
+        if self.ranks.distributed and self.device.type == "cuda":
+            self.device = torch.device(distributed.rank_device("cuda", self.ranks))
         self.spec, all_splits = config.data.load()
         wanted = list(config.splits)
         missing = [s for s in wanted if s not in all_splits]
@@ -189,7 +219,7 @@ class Extraction:
         geometry = {stack: stack_geometry(len(layers), self.info.d_model, *config.geometry_mib())
                     for stack, layers in self.layers.items()}
         # the same settings, the same cache: a cache at `out` keeps its geometry and codec unless they are given
-        existing = None if config.overwrite else existing_manifest(Path(config.out))
+        existing = None if config.overwrite else existing_manifest(self.out)
         if config.chunk_mib is None and config.shard_mib is None:
             geometry = existing_geometry(existing, geometry, {s: len(layers) for s, layers in self.layers.items()})
         self.geometry = geometry
@@ -259,9 +289,44 @@ class Extraction:
 
     # --- folder handling ------------------------------------------------------------------
 
-    def prepare_folder(self) -> tuple[Path, dict, bool]:
-        """Decide where to write; return (folder, manifest, swap_into_out_when_done)."""
-        out = Path(self.config.out)
+    def prepare_folder(self) -> tuple[CacheLocation, dict, bool]:
+        """Decide where to write; return (location, manifest, swap_into_out_when_done)."""
+        if not self.out.is_local:
+            return self.prepare_remote()
+        folder, manifest, swap = self.prepare_local()
+        return CacheLocation.of(folder), manifest, swap
+
+    def prepare_remote(self) -> tuple[CacheLocation, dict, bool]:
+        """prepare_folder on object storage: no renames there, so --overwrite deletes the old cache first."""
+        out = self.out
+        fingerprint = plan_fingerprint(self.identity())
+        if out.is_file(MANIFEST):
+            try:
+                existing = read_manifest(out)
+            except UserError:
+                existing = None
+            same = existing is not None and existing.get("plan_fingerprint") == fingerprint
+            if same and (not self.config.overwrite or not existing.get("complete")):
+                return out, existing, False
+            if not self.config.overwrite:
+                if existing is None:
+                    raise UserError(f"--out {out} holds an unreadable or old-format cache; pass --overwrite to replace it")
+                raise UserError(
+                    f"--out {out} already holds a cache of model {existing['model']['name']!r}, task "
+                    f"{existing['task']['name']!r} ({self.differing_setting(existing)}); choose another --out or pass --overwrite"
+                )
+            print(f"--overwrite on object storage: deleting the cache at {out} first (no atomic swap there)", file=sys.stderr)
+            out.remove(MANIFEST)  # first, so no reader takes the half-deleted cache for a cache
+            out.remove(recursive=True)
+        elif out.sizes():
+            if not self.config.overwrite:
+                raise UserError(f"--out {out} holds objects but no {MANIFEST}; it is not a cache: choose an empty prefix "
+                                "(or pass --overwrite to delete what is there)")
+            out.remove(recursive=True)
+        return self.create(out), self.manifest, False
+
+    def prepare_local(self) -> tuple[Path, dict, bool]:
+        out = self.out.path
         overwrite = self.config.overwrite
         fingerprint = plan_fingerprint(self.identity())
         if out.exists() and not out.is_dir():
@@ -294,8 +359,8 @@ class Extraction:
                 except UserError:
                     pass
             shutil.rmtree(staging, ignore_errors=True)
-            return self.create(staging), self.manifest, True
-        return self.create(out), self.manifest, False
+            return self.create(CacheLocation.of(staging)).path, self.manifest, True
+        return self.create(CacheLocation.of(out)).path, self.manifest, False
 
     def differing_setting(self, existing: dict) -> str:
         """Name the first setting in which an existing cache's manifest differs from these settings."""
@@ -319,16 +384,15 @@ class Extraction:
                 return "an older or other layout"
         return "other settings"
 
-    def create(self, folder: Path) -> Path:
+    def create(self, folder: CacheLocation) -> CacheLocation:
         """Lay down the group, the small arrays, the example tables and a fresh manifest."""
         import pyarrow as pa
         import pyarrow.parquet as pq
-        import zarr
 
         storage = self.config.storage
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.makedirs()
         self.manifest = self.new_manifest()
-        root = zarr.open_group(str(folder), mode="w", zarr_format=3)
+        root = folder.open_group(mode="w")
         root.attrs["format"] = FORMAT_NAME
         root.attrs["format_version"] = FORMAT_VERSION
         for split, plan in self.plans.items():
@@ -360,8 +424,10 @@ class Extraction:
                 "n_tokens": plan.lengths,
                 **self.backbone.example_columns(plan.examples, self.spec),
             }
-            pq.write_table(pa.table(table), folder / split / "examples.parquet")
-        write_json_atomic(folder / MANIFEST, self.manifest)
+            buffer = io.BytesIO()
+            pq.write_table(pa.table(table), buffer)
+            folder.write_bytes(f"{split}/examples.parquet", buffer.getvalue())
+        folder.write_json(MANIFEST, self.manifest)
         return folder
 
     def _quantization_arrays(self, group, tokens: int, layers: int, chunk: int, shard: int) -> None:
@@ -456,35 +522,76 @@ class Extraction:
         states = self.backbone.states(batch)
         return {stack: unpad(states[stack], batch[stack]["attention_mask"], self.layers[stack]) for stack in batch}
 
-    def run(self) -> Path:
+    def run(self) -> Path | str:
+        """Extract (or resume, or finish) the cache; returns its folder, or its URL on object storage.
+
+        Under torchrun every rank calls this; ranks other than 0 return once their shards are
+        written, while rank 0 computes the importance scores and marks the cache complete."""
         keep_freed_memory()  # the forward's large temporaries reuse memory (shared.allocator)
-        folder, manifest, swap = self.prepare_folder()
+        decision: tuple = ("error", "rank 0 did not prepare the cache")
+        if self.ranks.is_main:
+            try:
+                folder, manifest, swap = self.prepare_folder()
+                if manifest.get("complete") and swap:  # a rebuild killed between its last write and the swap
+                    folder, swap = CacheLocation.of(self.swap_into_out(folder.path)), False
+                decision = ("ok", folder.url, manifest, swap, self.done_shards(folder, manifest))
+            except UserError as err:
+                decision = ("error", str(err))
+            except BaseException as err:
+                decision = ("error", f"rank 0 failed: {type(err).__name__}: {err}")
+                distributed.broadcast_object(decision)
+                raise
+        decision = distributed.broadcast_object(decision)  # the arrays exist and are sized before any rank writes
+        if decision[0] == "error":
+            raise UserError(decision[1])
+        _, url, manifest, swap, done = decision
+        folder = CacheLocation.of(url, self.config.storage_options)
         self.manifest = manifest
-        if manifest.get("complete") and swap:  # a rebuild killed between its last write and the swap
-            folder, swap = self.swap_into_out(folder), False
         if manifest.get("complete"):
-            if self.fisher_missing(manifest):
-                # importance scores sit beside the states and are not part of the cache's identity: add them in place
-                self.store_importance(folder)
-                write_json_atomic(folder / MANIFEST, manifest)
-                print(f"cache {folder} was complete; added Fisher importance scores over "
-                      f"{manifest['importance']['samples']} training examples", file=sys.stderr)
-                return folder
-            print(f"cache {folder} is already complete; nothing to do (pass --overwrite to rebuild)", file=sys.stderr)
-            return folder
+            if self.ranks.is_main:
+                self.finish_complete(folder, manifest)
+            return self.result(folder)
         start = time.perf_counter()
+        work = self.assign_shards(manifest, done, self.ranks.world_size)[self.ranks.rank]
         for split, plan in self.plans.items():
-            if not manifest["splits"][split]["complete"]:
-                self.extract_split(folder, plan)
+            if work.get(split) or (not self.ranks.distributed and not manifest["splits"][split]["complete"]):
+                self.extract_split(folder, plan, work.get(split, {}), done)
+        distributed.barrier()  # every rank's shards are written
+        if not self.ranks.is_main:
+            return self.result(folder)
+        done = self.done_shards(folder, manifest)
+        for split, split_meta in manifest["splits"].items():
+            for stack, meta in split_meta["stacks"].items():
+                missing = sorted(set(range(meta["num_shards"])) - done[f"{split}/{stack}"])
+                if missing:
+                    raise RuntimeError(f"{split}/{stack}: shards {missing[:5]} were not recorded; rerun the same command")
+                meta["shards_done"] = meta["num_shards"]
+            split_meta["complete"] = True
         self.store_importance(folder)
         manifest["complete"] = True
         manifest["extract_seconds"] = round(time.perf_counter() - start, 3)
-        write_json_atomic(folder / MANIFEST, manifest)
-        return self.swap_into_out(folder) if swap else folder
+        folder.write_json(MANIFEST, manifest)
+        folder.remove(PROGRESS, recursive=True)
+        remove_leftovers(folder)
+        return self.result(CacheLocation.of(self.swap_into_out(folder.path)) if swap else folder)
+
+    def result(self, folder: CacheLocation) -> Path | str:
+        return folder.path if folder.is_local else folder.url
+
+    def finish_complete(self, folder: CacheLocation, manifest: dict) -> None:
+        """A complete cache: add Fisher scores where asked for and missing, else nothing to do."""
+        if self.fisher_missing(manifest):
+            # importance scores sit beside the states and are not part of the cache's identity: add them in place
+            self.store_importance(folder)
+            folder.write_json(MANIFEST, manifest)
+            print(f"cache {folder} was complete; added Fisher importance scores over "
+                  f"{manifest['importance']['samples']} training examples", file=sys.stderr)
+            return
+        print(f"cache {folder} is already complete; nothing to do (pass --overwrite to rebuild)", file=sys.stderr)
 
     def swap_into_out(self, folder: Path) -> Path:
-        """Put a complete rebuilt cache at `out` in place of the old one."""
-        out = Path(self.config.out)
+        """Put a complete rebuilt cache at `out` in place of the old one (local folders only)."""
+        out = self.out.path
         trash = out.with_name(out.name + ".replaced")
         shutil.rmtree(trash, ignore_errors=True)
         out.rename(trash)
@@ -492,38 +599,104 @@ class Extraction:
         shutil.rmtree(trash, ignore_errors=True)
         return out
 
-    def extract_split(self, folder: Path, plan: SplitPlan) -> None:
-        import zarr
+    # --- shards and ranks -------------------------------------------------------------------
 
+    @staticmethod
+    def done_shards(folder: CacheLocation, manifest: dict) -> dict[str, set[int]]:
+        """{"split/stack": shard indices recorded as written}: the markers under .progress/, and the
+        leading `shards_done` of the manifest (one process records both; older caches only the latter)."""
+        done = {f"{split}/{stack}": set(range(int(meta.get("shards_done", 0))))
+                for split, split_meta in manifest["splits"].items() for stack, meta in split_meta["stacks"].items()}
+        for key in folder.sizes(PROGRESS):
+            where, _, index = key.rpartition("/")
+            if where in done and index.isdigit():
+                done[where].add(int(index))
+        return done
+
+    def shard_batches(self, plan: SplitPlan, stack: str, meta: dict, index: int) -> range:
+        """The batches of `plan` that hold tokens of shard `index` of `stack`."""
+        offsets, shard = plan.offsets[stack], int(meta["shard_tokens"])
+        first, last = index * shard, min((index + 1) * shard, int(meta["num_tokens"])) - 1
+        per_example, batch_size = plan.per_example(stack), self.config.batch_size
+        lo, hi = (int(np.searchsorted(offsets, t, side="right") - 1) // per_example // batch_size for t in (first, last))
+        return range(lo, hi + 1)
+
+    def assign_shards(self, manifest: dict, done: dict[str, set[int]], world: int) -> list[dict[str, dict[str, list[int]]]]:
+        """Deal the shards not yet done to `world` ranks: [rank] -> {split: {stack: shard indices}}.
+
+        Whole shards only. The batches the remaining shards need are laid out on one timeline
+        (splits in order), each weighted by its tokens over every stack (the forward's work);
+        a shard goes to the rank whose equal share of that timeline holds its midpoint, so each
+        rank runs a nearly contiguous run of batches and shares at most a boundary batch with
+        its neighbours. The deal depends only on the plan and `done`, the same on every rank."""
+        items = []
+        for split, plan in self.plans.items():
+            for stack, meta in manifest["splits"][split]["stacks"].items():
+                for index in range(int(meta["num_shards"])):
+                    if index not in done[f"{split}/{stack}"]:
+                        items.append((split, stack, index, self.shard_batches(plan, stack, meta, index)))
+        needed = {(split, b) for split, _, _, batches in items for b in batches}
+        order = {split: n for n, split in enumerate(self.plans)}
+        position, total = {}, 0.0
+        for split, b in sorted(needed, key=lambda x: (order[x[0]], x[1])):
+            plan, rows = self.plans[split], self.plans[split].batches[b]
+            cost = sum(int(o[rows.stop * plan.per_example(s)] - o[rows.start * plan.per_example(s)]) for s, o in plan.offsets.items())
+            position[(split, b)] = (total, cost)
+            total += cost
+        work: list[dict[str, dict[str, list[int]]]] = [{} for _ in range(world)]
+        for split, stack, index, batches in items:
+            begin = position[(split, batches.start)][0]
+            end = sum(position[(split, batches[-1])])
+            rank = min(world - 1, int((begin + end) / 2 * world / max(total, 1)))
+            work[rank].setdefault(split, {}).setdefault(stack, []).append(index)
+        return work
+
+    def record_shard(self, folder: CacheLocation, split: str, stack: str, index: int) -> None:
+        """A shard is on storage: write its marker (any rank), and with one process also the manifest's count."""
+        folder.write_bytes(f"{PROGRESS}/{split}/{stack}/{index}", b"")
+        self._written += 1
+        if not self.ranks.distributed:
+            meta = self.manifest["splits"][split]["stacks"][stack]
+            self._done[f"{split}/{stack}"].add(index)
+            while meta["shards_done"] in self._done[f"{split}/{stack}"]:
+                meta["shards_done"] += 1
+            folder.write_json(MANIFEST, self.manifest)
+        hook = os.environ.get(EXIT_AFTER_SHARDS_ENV, "")
+        if hook and hook.split(":")[0] == str(self.ranks.rank) and self._written >= int(hook.split(":")[1]):
+            os._exit(3)
+
+    def extract_split(self, folder: CacheLocation, plan: SplitPlan, shards: dict[str, list[int]],
+                      done: dict[str, set[int]]) -> None:
+        """Write the shards `shards` ({stack: indices}) of one split, running only the batches they need."""
         split_meta = self.manifest["splits"][plan.name]
+        self._done = {k: set(v) for k, v in done.items()}
+        self._written = getattr(self, "_written", 0)
         background = BackgroundWriter()
         writers: dict[str, StackWriter] = {}
+        needed: set[int] = set()
         for stack, meta in split_meta["stacks"].items():
-            # write_empty_chunks skips zarr's full scan of each shard for an all-zero one (states never are)
-            array = zarr.open_array(str(folder / plan.name / stack / "hidden"), mode="r+").with_config({"write_empty_chunks": True})
-
-            def on_shard(index: int, meta=meta) -> None:
-                meta["shards_done"] = index + 1
-                write_json_atomic(folder / MANIFEST, self.manifest)
-
-            group = zarr.open_group(str(folder / plan.name / stack), mode="r+")
-            writers[stack] = StackWriter(array, meta["shard_tokens"], meta["num_tokens"], meta["shards_done"], on_shard, background,
-                                         encoder=self.shard_encoder(group), group=group)
-        # The first batch still needed by any stack: the one holding its first uncommitted token.
-        batch_size = self.config.batch_size
-        first_batch = len(plan.batches)
-        for stack, writer in writers.items():
-            if writer.done:
+            if not shards.get(stack):
                 continue
-            sequence = int(np.searchsorted(plan.offsets[stack], writer.committed, side="right") - 1)
-            first_batch = min(first_batch, sequence // plan.per_example(stack) // batch_size)
-        done_examples = plan.batches[first_batch].start if first_batch < len(plan.batches) else plan.num_examples
-        bar = tqdm(total=plan.num_examples, initial=done_examples, desc=f"extract {plan.name}", unit="ex",
-                   disable=self.config.quiet, dynamic_ncols=True)
+            # write_empty_chunks skips zarr's full scan of each shard for an all-zero one (states never are)
+            array = folder.open_array(f"{plan.name}/{stack}/hidden", mode="r+").with_config({"write_empty_chunks": True})
+
+            def on_shard(index: int, stack=stack) -> None:
+                self.record_shard(folder, plan.name, stack, index)
+
+            group = folder.open_group(f"{plan.name}/{stack}", mode="r+")
+            writers[stack] = StackWriter(array, meta["shard_tokens"], meta["num_tokens"], 0, on_shard, background,
+                                         encoder=self.shard_encoder(group), group=group, shards=shards[stack])
+            for index in shards[stack]:
+                needed.update(self.shard_batches(plan, stack, meta, index))
+        batches = [plan.batches[b] for b in sorted(needed)]
+        done_examples = plan.num_examples - sum(len(rows) for rows in batches)
+        rank = f" rank {self.ranks.rank}" if self.ranks.distributed else ""
+        bar = tqdm(total=plan.num_examples, initial=done_examples, desc=f"extract {plan.name}{rank}", unit="ex",
+                   disable=self.config.quiet, dynamic_ncols=True, position=self.ranks.local_rank if rank else None)
         primary = plan.offsets[plan.stacks[0].name]
         tokens_done, t0 = 0, time.perf_counter()
         try:
-            for rows in plan.batches[first_batch:]:
+            for rows in batches:
                 states = self.forward_batch(plan, rows)
                 for stack, writer in writers.items():
                     writer.write(int(plan.offsets[stack][rows.start * plan.per_example(stack)]), states[stack])
@@ -537,8 +710,9 @@ class Extraction:
             bar.close()
         if not all(w.done for w in writers.values()):
             raise RuntimeError(f"split {plan.name}: writers ended before all tokens were written")
-        split_meta["complete"] = True
-        write_json_atomic(folder / MANIFEST, self.manifest)
+        if not self.ranks.distributed:
+            split_meta["complete"] = True
+            folder.write_json(MANIFEST, self.manifest)
 
     def fisher_samples(self) -> int:
         return min(self.config.fisher_samples, self.plans["train"].num_examples)
@@ -550,11 +724,17 @@ class Extraction:
         have = manifest.get("importance") or {}
         return have.get("kind") != "fisher" or have.get("samples") != self.fisher_samples()
 
-    def store_importance(self, folder: Path) -> None:
+    def store_importance(self, folder: CacheLocation) -> None:
         if self.config.init != "fisher" or "train" not in self.plans:
             return
         from backbone_cache.importance import fisher_scores, save_importance
 
         scores = fisher_scores(self.backbone, self.spec, self.plans["train"], self.config.fisher_samples, quiet=self.config.quiet)
-        save_importance(folder / "importance.safetensors", scores, "fisher")
+        if folder.is_local:
+            save_importance(folder.path / "importance.safetensors", scores, "fisher")
+        else:  # written locally, then uploaded as one object
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp) / "importance.safetensors"
+                save_importance(local, scores, "fisher")
+                folder.write_bytes("importance.safetensors", local.read_bytes())
         self.manifest["importance"] = {"kind": "fisher", "file": "importance.safetensors", "samples": self.fisher_samples()}

@@ -18,6 +18,7 @@ attention the L1 over each row of the elementwise product of the q, k and v impo
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,18 @@ def fisher_rows(num_examples: int, samples: int) -> np.ndarray:
     return np.random.default_rng(0).permutation(num_examples)[: min(samples, num_examples)]
 
 
-def fisher_scores(backbone: Backbone, spec: TaskSpec, plan, samples: int, quiet: bool = False) -> dict[str, torch.Tensor]:
-    """Fisher importance of the family's targets over `samples` training examples."""
+FISHER_MAX_TOKENS = 4096  # padded tokens per batched Fisher forward (examples * longest)
+FISHER_MAX_EXAMPLES = 64
+
+
+def fisher_scores(backbone: Backbone, spec: TaskSpec, plan, samples: int, quiet: bool = False,
+                  batched: bool | None = None) -> dict[str, torch.Tensor]:
+    """Fisher importance of the family's targets over `samples` training examples.
+
+    Batched (backbone_cache.fisher: per-example gradients read from hooks, a few examples per
+    backward pass, equal to the batch-1 loop to float rounding) where the family allows it
+    (`Backbone.batched_fisher`) and every scored use is per example; the batch-1 loop otherwise.
+    `batched`: None picks, True/False forces (a forced batched run raises where it cannot be exact)."""
     device = backbone.device
     rows = fisher_rows(plan.num_examples, samples)
     labels = torch.tensor([float(plan.examples[i].label) for i in rows])
@@ -68,6 +79,26 @@ def fisher_scores(backbone: Backbone, spec: TaskSpec, plan, samples: int, quiet:
     objective = backbone.fisher_objective([plan.token_batch(c, device) for c in chunks],
                                           [labels[i : i + len(c)] for i, c in zip(range(0, len(rows), 32), chunks)], spec)
     targets = backbone.score_targets()
+    if batched is None:
+        batched = backbone.batched_fisher
+    if batched:
+        from backbone_cache import fisher
+
+        groups = fisher.length_batches(plan.lengths[rows], FISHER_MAX_TOKENS, FISHER_MAX_EXAMPLES)
+        batches = ((plan.token_batch(rows[g], device), labels[g]) for g in groups)
+        try:
+            return fisher.fisher_scores(backbone.model, batches, lambda _model, b: objective(*b), targets,
+                                        quiet=quiet, total=len(rows))
+        except fisher.NotPerExample as err:
+            if not quiet:
+                print(f"fisher: {err}; scoring one example at a time instead", file=sys.stderr)
+    return fisher_scores_batch1(backbone, objective, targets, plan, rows, labels, quiet)
+
+
+def fisher_scores_batch1(backbone: Backbone, objective, targets: ScoreTargets, plan, rows: np.ndarray,
+                         labels: torch.Tensor, quiet: bool = False) -> dict[str, torch.Tensor]:
+    """The reference's loop: one example per backward pass, the squared weight gradients summed."""
+    device = backbone.device
     weights = target_weights(backbone.model, targets)
     fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
     for w in weights.values():

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from shared.errors import UserError
-from shared.families import Backbone, StackSpec
+from shared.families import FAMILIES, Backbone, StackSpec
 from shared.tasks import Example, TaskSpec
 from shared.tokens import TokenBatch, pad_stack
 
@@ -68,6 +68,10 @@ def plan_split(name: str, examples: list[Example], spec: TaskSpec, backbone: Bac
     """Tokenize a split, order it longest first, and cut it into batches."""
     if not examples:
         raise UserError(f"split {name!r} holds no examples; check the data or --limit")
+    if spec.label_kind not in backbone.label_kinds:
+        able = [name for name, family in FAMILIES.items() if spec.label_kind in family.label_kinds]
+        raise UserError(f"the {backbone.family} family trains {', '.join(backbone.label_kinds)} tasks, not "
+                        f"{spec.label_kind!r} ones; use a backbone of the {' or '.join(able) or 'no'} family")
     stacks = backbone.stacks(with_candidates)
     tokens = backbone.tokenize(examples, spec, max_length, max_target_length)
     primary = stacks[0].name

@@ -16,8 +16,9 @@ import numpy as np
 from tqdm import tqdm
 
 from shared.cache_format import StackReader, bf16_bits, check_files, read_examples, read_manifest, safe_name
-from shared.cli import Parser
+from shared.cli import Parser, add_storage_arguments, storage_options
 from shared.errors import UserError, cli_entry
+from shared.stores import CacheLocation
 
 _EXPONENT = np.uint16(0x7F80)  # bf16 exponent bits; all ones means Inf or NaN
 
@@ -57,10 +58,17 @@ def check_tables(cache_dir: Path, manifest: dict) -> None:
     if info:
         from safetensors import safe_open
 
-        path = Path(cache_dir) / safe_name(info["file"], "file")
+        loc = CacheLocation.of(cache_dir)
+        name = safe_name(info["file"], "file")
+        path = loc.path / name if loc.is_local else f"{loc.url}/{name}"
         try:
-            with safe_open(str(path), framework="np") as handle:
-                list(handle.keys())
+            if loc.is_local:
+                with safe_open(str(path), framework="np") as handle:
+                    list(handle.keys())
+            else:
+                from safetensors.numpy import load
+
+                load(loc.read_bytes(name))
         except Exception:
             raise UserError(f"importance file {path} is missing or unreadable; rerun extraction") from None
 
@@ -77,6 +85,7 @@ def check_sample(cache_dir: Path, manifest: dict, samples: int, seed: int, devic
         data=DataConfig.from_json(manifest["data_source"]), splits=list(manifest["splits"]), batch_size=manifest["batch_size"],
         device=device, layers=",".join(map(str, next(iter(storage_layers.values()))["layers"])),
         codec=manifest["storage"]["codec"], chunk_mib=1.0, shard_mib=1.0, init="random", quiet=True,
+        storage_options=CacheLocation.of(cache_dir).storage_options,
     )
     extraction = Extraction(config)
     if extraction.info.config_fingerprint != manifest["model"]["config_fingerprint"]:
@@ -127,7 +136,8 @@ def verify(cache_dir: Path, sample: int = 0, seed: int = 0, device: str = "auto"
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m backbone_cache.verify", description=__doc__.split("\n")[0])
-    p.add_argument("cache", help="cache folder")
+    p.add_argument("cache", help="cache folder or URL (s3://bucket/prefix, ...)")
+    add_storage_arguments(p)
     p.add_argument("--sample", type=int, default=0, help="recompute N random examples per split with the backbone")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -135,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.sample < 0:
         raise UserError(f"--sample must be non-negative, got {args.sample}")
-    for line in verify(Path(args.cache), args.sample, args.seed, args.device, args.quiet):
+    cache = CacheLocation.of(args.cache, storage_options(args))
+    cache.check_access()
+    for line in verify(cache.path if cache.is_local else cache, args.sample, args.seed, args.device, args.quiet):
         print(line)
     print(f"OK: {args.cache} is a sound cache")
     return 0

@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backbone_cache.extract import Extraction, pad, parse_args
+from backbone_cache.extract import parse_args
+from backbone_cache.extraction import Extraction
 from shared.cache_format import CODECS
 
 
@@ -72,16 +73,12 @@ def timed(fn) -> tuple[float, float, float]:
 
 
 def plain_pass(extraction: Extraction) -> None:
-    """The forward passes alone over the split's planned batches, results discarded."""
-    plan, model, device = extraction.plans["train"], extraction.backbone.model, extraction.device
+    """The backbone's forward passes alone (the family's `states`) over the split's planned batches, results discarded."""
+    plan, backbone = extraction.plans["train"], extraction.backbone
     with torch.inference_mode():
         for rows in plan.batches:
-            ids, mask = pad([plan.source_ids[i] for i in rows], device)
-            kwargs = {}
-            if plan.token_type_ids is not None:
-                kwargs["token_type_ids"] = pad([plan.token_type_ids[i] for i in rows], device)[0]
-            model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **kwargs)
-    if device.type == "cuda":
+            backbone.states(plan.token_batch(rows, backbone.device))
+    if backbone.device.type == "cuda":
         torch.cuda.synchronize()
 
 

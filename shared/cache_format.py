@@ -18,6 +18,10 @@ Stacks are named by the backbone family (shared/families/): `encoder` for encode
 for T5 `encoder`, `decoder` (teacher-forced on the target) and `candidates` (every candidate
 label's decoder states, example-major: offsets has n * K + 1 entries, K =
 `sequences_per_example` in the manifest).
+
+The same keys can live on object storage: every reader here takes a folder (str or Path),
+a URL (s3://bucket/prefix, gs://..., any fsspec URL) or a shared.stores.CacheLocation that
+carries storage options; remote arrays are read through zarr's FsspecStore.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ import torch
 
 from shared.errors import UserError
 from shared.shard_reader import ShardedArrayReader
+from shared.stores import CacheLocation
+
+# A cache location: a folder (str or Path), a URL (s3://bucket/prefix, gs://..., any fsspec URL),
+# or a shared.stores.CacheLocation carrying storage options (credentials, endpoint)
+Where = str | Path | CacheLocation
 
 FORMAT_NAME = "lst-activation-cache"
 FORMAT_VERSION = 2
@@ -106,17 +115,23 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(cache_dir: Path) -> dict:
+def read_manifest(cache_dir: Where) -> dict:
     """Read and check a manifest; a missing or foreign one is a user error."""
-    cache_dir = Path(cache_dir)
-    if not cache_dir.exists():
-        raise UserError(f"cache folder {cache_dir} does not exist; run `python -m backbone_cache.extract --out {cache_dir}` first")
-    path = cache_dir / MANIFEST
-    if not path.is_file():
-        raise UserError(f"{cache_dir} has no {MANIFEST}; it is not a cache (or extraction never started)")
+    loc = CacheLocation.of(cache_dir)
+    cache_dir = loc.url
+    path = f"{cache_dir}/{MANIFEST}" if not loc.is_local else loc.path / MANIFEST
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
+        text = loc.read_bytes(MANIFEST).decode("utf-8")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        if not loc.exists():
+            raise UserError(f"cache folder {cache_dir} does not exist; run `python -m backbone_cache.extract --out {cache_dir}` "
+                            "first") from None
+        raise UserError(f"{cache_dir} has no {MANIFEST}; it is not a cache (or extraction never started)") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not valid JSON; the cache is damaged, rebuild it with --overwrite") from None
+    try:
+        manifest = json.loads(text)
+    except ValueError:
         raise UserError(f"{path} is not valid JSON; the cache is damaged, rebuild it with --overwrite") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise UserError(f"{path} is not an LST activation cache manifest")
@@ -133,21 +148,26 @@ def read_manifest(cache_dir: Path) -> dict:
     return manifest
 
 
-def open_complete(cache_dir: Path, check: bool = True) -> dict:
+def open_complete(cache_dir: Where, check: bool = True) -> dict:
     """The manifest of a complete cache, after the cheap file checks; an unfinished one is a user error."""
     manifest = read_manifest(cache_dir)
     if not manifest.get("complete"):
         raise UserError(f"cache {cache_dir} is incomplete; rerun the extract command that made it to finish it")
     if check:
-        check_files(Path(cache_dir), manifest)
+        check_files(cache_dir, manifest)
     return manifest
 
 
-def shard_path(cache_dir: Path, split: str, stack: str, index: int, array: str = "hidden") -> Path:
+def shard_key(split: str, stack: str, index: int, array: str = "hidden") -> str:
+    """The key (relative to the cache root) of shard `index` of one of a stack's per-shard arrays."""
+    keys = ["c", str(index), "0"] + ([] if array == "scale" else ["0"])
+    return "/".join([safe_name(split, "split"), safe_name(stack, "stack"), array, *keys])
+
+
+def shard_path(cache_dir: Where, split: str, stack: str, index: int, array: str = "hidden") -> Path:
     """The file of shard `index` of one of a stack's per-shard arrays (zarr v3 default chunk
     keys; `scale` is [tokens, layers], the others have a third axis)."""
-    keys = ["c", str(index), "0"] + ([] if array == "scale" else ["0"])
-    return Path(cache_dir) / safe_name(split, "split") / safe_name(stack, "stack") / array / Path(*keys)
+    return CacheLocation.of(cache_dir).path / shard_key(split, stack, index, array)
 
 
 _REBUILD = "the cache is damaged: rebuild it (the extract command with --overwrite)"
@@ -155,15 +175,17 @@ _REBUILD = "the cache is damaged: rebuild it (the extract command with --overwri
 SHARDED_ARRAYS = {"bf16": ("hidden",), "fp8": ("hidden", "scale"), "int8": ("hidden", "scale", "outliers", "outlier_index")}
 
 
-def check_files(cache_dir: Path, manifest: dict) -> None:
+def check_files(cache_dir: Where, manifest: dict) -> None:
     """Cheap checks at open: every shard file of every per-shard array is present and
     non-empty (hidden, and the scales and outliers of fp8/int8 caches), and offsets add up.
 
     zarr reads a missing shard as zeros, so absence must be caught here; altered or
-    truncated shards fail their CRC32C when read.
+    truncated shards fail their CRC32C when read. On object storage the presence check is
+    one listing of the cache's objects.
     """
-    import zarr
-
+    loc = CacheLocation.of(cache_dir)
+    cache_dir = loc.url
+    sizes = None if loc.is_local else loc.sizes()
     storage = manifest.get("storage", {})
     arrays = SHARDED_ARRAYS.get(storage.get("precision", "bf16"), ("hidden",))
     if storage.get("outlier_channels", 0) < 2:
@@ -173,12 +195,16 @@ def check_files(cache_dir: Path, manifest: dict) -> None:
         for stack, meta in split_meta["stacks"].items():
             for name in arrays:
                 for index in range(meta["num_shards"]):
-                    path = shard_path(cache_dir, split, stack, index, name)
-                    if not path.is_file() or path.stat().st_size == 0:
+                    key = shard_key(split, stack, index, name)
+                    if sizes is not None:
+                        missing = not sizes.get(key)
+                    else:
+                        path = loc.path / key
+                        missing = not path.is_file() or path.stat().st_size == 0
+                    if missing:
                         raise UserError(f"cache {cache_dir} is missing shard {index} of {split}/{stack}/{name}; {_REBUILD}")
-            where = Path(cache_dir) / split / stack
             try:
-                group = zarr.open_group(str(where), mode="r")
+                group = loc.open_group(f"{split}/{stack}", mode="r")
                 offsets, hidden, input_ids = group["offsets"][:], group["hidden"], group["input_ids"]
             except (KeyError, FileNotFoundError, ValueError) as err:
                 raise UserError(f"cache {cache_dir}: {split}/{stack} lacks an array or its metadata ({err}); "
@@ -192,7 +218,8 @@ def check_files(cache_dir: Path, manifest: dict) -> None:
             if tuple(hidden.shape[1:]) != shape:
                 raise UserError(f"cache {cache_dir}: {split}/{stack}/hidden holds [{', '.join(map(str, hidden.shape[1:]))}] "
                                 f"states per token where the manifest says {list(shape)}; {_REBUILD}")
-        if not (Path(cache_dir) / split / "examples.parquet").is_file():
+        table = f"{split}/examples.parquet"
+        if not (table in sizes if sizes is not None else (loc.path / table).is_file()):
             raise UserError(f"cache {cache_dir}: {split}/examples.parquet is missing; {_REBUILD}")
 
 
@@ -209,17 +236,17 @@ def _into(values: np.ndarray, out: np.ndarray | None) -> np.ndarray:
 class StackReader:
     """One stack of one split: offsets in memory, hidden states read on demand."""
 
-    def __init__(self, cache_dir: Path, split: str, stack: str, meta: dict):
-        import zarr
-
-        self.path = Path(cache_dir) / safe_name(split, "split") / safe_name(stack, "stack")
+    def __init__(self, cache_dir: Where, split: str, stack: str, meta: dict):
+        self.location = CacheLocation.of(cache_dir).join(safe_name(split, "split"), safe_name(stack, "stack"))
+        self.path = self.location.path if self.location.is_local else self.location.url
         self.meta = meta
         self.layers: list[int] = list(meta["layers"])
-        group = zarr.open_group(str(self.path), mode="r")
+        group = self.location.open_group(mode="r")
         self.group = group
         self.hidden = group["hidden"]
-        # the same bytes as self.hidden[...], read without zarr's pipeline where the layout allows (shared.shard_reader)
-        self.fast_hidden = ShardedArrayReader.open(self.path / "hidden")
+        # the same bytes as self.hidden[...], read without zarr's pipeline where the layout allows (shared.shard_reader);
+        # on object storage zarr's own store reads (its async pipeline fetches chunks concurrently)
+        self.fast_hidden = ShardedArrayReader.open(self.path / "hidden") if self.location.is_local else None
         self.precision = meta.get("precision", "bf16")
         if self.precision == "int8":
             self.outlier_index = np.asarray(group["outlier_index"][:])  # [shards, layers, k]
@@ -289,8 +316,13 @@ class StackReader:
                             f"{_REBUILD}") from None
 
 
-def read_examples(cache_dir: Path, split: str):
+def read_examples(cache_dir: Where, split: str):
     """The per-example table of a split (pyarrow Table, storage order)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(Path(cache_dir) / safe_name(split, "split") / "examples.parquet")
+    loc = CacheLocation.of(cache_dir)
+    key = f"{safe_name(split, 'split')}/examples.parquet"
+    if loc.is_local:
+        return pq.read_table(loc.path / key)
+    return pq.read_table(pa.BufferReader(loc.read_bytes(key)))

@@ -32,6 +32,20 @@ def add_data_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, hel
     p.add_argument("--limit", type=int, default=None, help="keep the first N examples of each split")
 
 
+def add_storage_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--storage-options", default=None, metavar="JSON",
+                   help="a cache on object storage (s3://, gs://, any fsspec URL): fsspec options as a JSON object, e.g. "
+                        "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (default: the usual environment, AWS_* or "
+                        "GOOGLE_APPLICATION_CREDENTIALS)")
+
+
+def storage_options(args: argparse.Namespace) -> dict:
+    """The --storage-options JSON as a dict ({} when not given); bad JSON is a one-line UserError."""
+    from shared.stores import parse_storage_options
+
+    return parse_storage_options(getattr(args, "storage_options", None))
+
+
 def model_config(args: argparse.Namespace) -> ModelConfig:
     """The model flags; with --gguf-file the model is the safetensors folder converted from it (converted on first use)."""
     gguf_file = getattr(args, "gguf_file", None)

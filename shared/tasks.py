@@ -19,6 +19,7 @@ import numpy as np
 from shared.errors import UserError
 
 DEFAULT_TASK = "rotten_tomatoes"
+INSTRUCT_TASK = "instruct"  # instruction / causal-LM tuning from local jsonl (prompt, response)
 SPLITS = ("train", "validation", "test")
 
 
@@ -37,7 +38,7 @@ class TaskSpec:
 
     name: str
     text_fields: list[str]
-    label_kind: str  # "class" or "regression"
+    label_kind: str  # "class", "regression" or "lm" (instruction tuning: the loss is on the response tokens)
     label_names: list[str] = field(default_factory=list)
     source_keys: list[str] = field(default_factory=list)  # T5 key before each field, e.g. "sentence:"
     metrics: list[str] = field(default_factory=lambda: ["accuracy"])
@@ -108,7 +109,7 @@ def parse_data_files(items: list[str]) -> dict[str, Path]:
 
 
 def known_tasks() -> list[str]:
-    return [DEFAULT_TASK, "local", *GLUE]
+    return [DEFAULT_TASK, "local", INSTRUCT_TASK, *GLUE]
 
 
 def reference_permutation(n: int, seed: int = 42) -> list[int]:
@@ -269,6 +270,32 @@ def load_local(
     return TaskSpec("local", list(text_fields), label_kind, label_names, keys, metrics, 20), splits
 
 
+def load_instruct(files: dict[str, Path], fields: list[str] | None = None) -> tuple[TaskSpec, dict[str, list[Example]]]:
+    """Instruction data, one file per split (jsonl, csv or parquet rows with a prompt and a response;
+    `fields`: other names for those two columns). Metrics: the response tokens' loss and perplexity."""
+    if fields and len(fields) != 2:
+        raise UserError(f"--task {INSTRUCT_TASK} takes two --text-fields (prompt,response), got {len(fields)}")
+    prompt_field, response_field = fields if fields else ("prompt", "response")
+    if "train" not in files:
+        raise UserError(f"--task {INSTRUCT_TASK} needs a training file; pass --data train=PATH.jsonl")
+    splits: dict[str, list[Example]] = {}
+    for split, path in files.items():
+        rows = read_table(Path(path))
+        if not rows:
+            raise UserError(f"the {split} file {path} holds no rows; give a file with examples")
+        examples = []
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise UserError(f"row {i} of {path} is not an object with {prompt_field!r} and {response_field!r}")
+            for name in (prompt_field, response_field):
+                if not isinstance(row.get(name), str):
+                    raise UserError(f"row {i} of {path} has no text in {name!r} (it has {sorted(row)}); "
+                                    f"give every row a {prompt_field!r} and a {response_field!r}")
+            examples.append(Example(f"{split}-{i}", [row[prompt_field], row[response_field]], 0))
+        splits[split] = examples
+    return TaskSpec(INSTRUCT_TASK, [prompt_field, response_field], "lm", [], [], ["loss", "perplexity"], 3), splits
+
+
 def _number(value) -> float | None:
     try:
         return float(value)
@@ -292,6 +319,11 @@ def load_task(
     label_kind: str | None = None,
 ) -> tuple[TaskSpec, dict[str, list[Example]]]:
     """Resolve --task and friends to a TaskSpec and its splits."""
+    if name == INSTRUCT_TASK:
+        if label_kind is not None or label_field != "label":
+            flag = "--label-kind" if label_kind is not None else "--label-field"
+            raise UserError(f"--task {INSTRUCT_TASK} has no labels (the response is the target): drop {flag}")
+        return load_instruct(data_files or {}, text_fields or None)
     if data_files:
         if name not in (None, "local"):
             raise UserError(f"--data is for local files; drop --task {name} or use --task local")

@@ -5,6 +5,10 @@
   the attention and the feed-forward output projections of every block, plus the layer
   norms (Houlsby et al.; peft has no bottleneck adapter, so it is here).
 - lora: peft LoRA on the attention query and value projections.
+- qlora: the same LoRA over the backbone's linear layers stored in 4-bit NF4 (bitsandbytes,
+  QLoRA's storage; the LM head and embeddings stay as they are). Needs a CUDA GPU and
+  bitsandbytes; elsewhere `qlora_unavailable` gives the reason and compare reports the row as
+  skipped. It is not in the default method list (`GPU_BASELINES`).
 - bitfit: the bias terms. T5 has none, so, as in the paper's baseline setup (Mahabadi et al.),
   a zero bias is added to every linear layer (the LM head included) and trained with the
   layer norms; BERT-family encoders train their existing biases.
@@ -39,6 +43,7 @@ ADAPTER_WIDTH = 48
 LORA_RANK = 32
 PROMPT_TOKENS = 100
 BASELINES = ("full", "adapter", "lora", "bitfit", "prompt")
+GPU_BASELINES = ("qlora",)  # run only where a CUDA GPU and bitsandbytes are there; never on the meta device
 
 
 @dataclass
@@ -113,6 +118,11 @@ class FamilyBaselines:
     def wrap(self, model: nn.Module, backbone, spec, prompt_tokens: int) -> BaselineModule:
         """The trainable module around `model`; `prompt_tokens`: soft tokens peft prepends (0: none)."""
         raise NotImplementedError
+
+    def wrap_with(self, model: nn.Module, backbone, spec, prompt_tokens: int, options=None) -> BaselineModule:
+        """`wrap`, given the LST side's `SideOptions` too, for a family whose output head follows them
+        (decoder: label words, or a head on the last token with `pooling="last"`). Default: `wrap`."""
+        return self.wrap(model, backbone, spec, prompt_tokens)
 
 
 def family_baselines(family: str) -> FamilyBaselines:
@@ -217,6 +227,51 @@ def apply_lora(model: nn.Module, task: str, rank: int) -> nn.Module:
     return get_peft_model(model, config)
 
 
+def qlora_unavailable(device: torch.device) -> str | None:
+    """Why the 4-bit baseline cannot run on `device` (None: it can)."""
+    if device.type != "cuda":
+        where = "the meta device (4-bit storage has no meta accounting here)" if device.type == "meta" else device.type
+        return f"needs a CUDA GPU for bitsandbytes' 4-bit kernels; this run is on {where}"
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return "needs the bitsandbytes package (pip install bitsandbytes)"
+    return None
+
+
+def quantize_4bit(model: nn.Module, device: torch.device) -> nn.Module:
+    """Replace every nn.Linear but the output head with a bitsandbytes NF4 Linear4bit (double-quantized
+    statistics, bfloat16 compute, as QLoRA), then move the model to `device` (where the weights are packed)."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear) or child is head:
+                continue
+            quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+            quantized.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, compress_statistics=True,
+                                                 quant_type="nf4")
+            if child.bias is not None:
+                quantized.bias = nn.Parameter(child.bias.data.cpu(), requires_grad=False)
+            setattr(parent, name, quantized)
+    return model.to(device)
+
+
+def apply_qlora(model: nn.Module, task: str, rank: int, device: torch.device) -> nn.Module:
+    """LoRA (as `apply_lora`) over a 4-bit copy of `model` on `device`."""
+    reason = qlora_unavailable(device)
+    if reason:
+        raise UserError(f"qlora {reason}")
+    targets = lora_targets(model)
+    model = quantize_4bit(model.requires_grad_(False), device)
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(task_type=task, r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets)
+    return get_peft_model(model, config)
+
+
 def apply_prompt_tuning(model: nn.Module, task: str, tokens: int) -> nn.Module:
     from peft import PromptTuningConfig, get_peft_model
 
@@ -229,8 +284,9 @@ def apply_prompt_tuning(model: nn.Module, task: str, tokens: int) -> nn.Module:
 # --- dispatch ---------------------------------------------------------------------------------
 
 
-def build_baseline(method: str, backbone, spec, sizes: BaselineSizes | None = None) -> BaselineModule:
-    """Turn a fresh backbone's model into `method`'s trainable module (modifies `backbone.model`)."""
+def build_baseline(method: str, backbone, spec, sizes: BaselineSizes | None = None, options=None) -> BaselineModule:
+    """Turn a fresh backbone's model into `method`'s trainable module (modifies `backbone.model`);
+    `options`: the LST side's `SideOptions`, for families whose head follows them (`FamilyBaselines.wrap_with`)."""
     sizes = sizes or BaselineSizes()
     family = family_baselines(backbone.family)
     model = backbone.model
@@ -242,8 +298,10 @@ def build_baseline(method: str, backbone, spec, sizes: BaselineSizes | None = No
         add_bitfit(model, family)
     elif method == "lora":
         model = apply_lora(model, family.peft_task, sizes.lora_rank)
+    elif method == "qlora":
+        model = apply_qlora(model, family.peft_task, sizes.lora_rank, backbone.device)
     elif method == "prompt":
         model = apply_prompt_tuning(model, family.peft_task, sizes.prompt_tokens)
     else:
-        raise UserError(f"unknown baseline {method!r}; choose from {', '.join(BASELINES)}")
-    return family.wrap(model, backbone, spec, sizes.prompt_tokens if method == "prompt" else 0)
+        raise UserError(f"unknown baseline {method!r}; choose from {', '.join((*BASELINES, *GPU_BASELINES))}")
+    return family.wrap_with(model, backbone, spec, sizes.prompt_tokens if method == "prompt" else 0, options)

@@ -34,7 +34,7 @@ from shared.cli import Parser, add_data_arguments, add_model_arguments, data_con
 from shared.errors import UserError, cli_entry
 from side_train.baselines import ADAPTER_WIDTH, LORA_RANK, PROMPT_TOKENS, BaselineSizes
 from side_train.compare_report import format_table, write_outputs
-from side_train.compare_run import DEFAULT_LR, METHODS, CompareConfig, compare
+from side_train.compare_run import DEFAULT_LR, KNOWN_METHODS, METHODS, CompareConfig, compare
 from side_train.model import SideOptions
 from side_train.recipe import INITS
 from side_train.run import parse_side_layers
@@ -48,7 +48,8 @@ def build_parser() -> Parser:
     add_data_arguments(g, "; synthetic: exactly --max-length random tokens per example (shape studies)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g = p.add_argument_group("what to measure")
-    g.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
+    g.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, from {','.join(KNOWN_METHODS)} (qlora: CUDA and bitsandbytes only, else a skipped row)")
     g.add_argument("--batch-size", type=int, default=100)
     g.add_argument("--memory-on", default="device", choices=["device", "meta"], help="count memory on a real step, or on the meta device")
     g.add_argument("--time-steps", type=int, default=3, help="timed training steps per method after two warm-up steps (0: no timing)")
@@ -65,6 +66,8 @@ def build_parser() -> Parser:
     g.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
     g.add_argument("--reduction", type=int, default=8, help="LST: side width = backbone width / r")
     g.add_argument("--side-layers", default=None, help="LST: comma-separated backbone blocks that feed side blocks")
+    g.add_argument("--pooling", default="mean", choices=["mean", "cls", "last"],
+                   help="LST's head input (decoder: label words unless last, a head on the last token; its baselines use the same head)")
     g.add_argument("--drop-layers", type=int, default=0, help="LST: drop N interleaved layers (the paper drops 3 per T5-base stack)")
     g.add_argument("--init", default="fisher", choices=INITS, help="LST side init for training runs: pruned by importance, or random")
     g.add_argument("--fisher-samples", type=int, default=1024)
@@ -81,7 +84,7 @@ def parse_lrs(items: list[str]) -> dict[str, float]:
             rate = float(value)
         except ValueError:
             rate = 0.0
-        if not sep or method not in METHODS or not rate > 0:
+        if not sep or method not in KNOWN_METHODS or not rate > 0:
             raise UserError(f"--lr {item!r} must look like lora=1e-3 with a known method and a positive rate")
         lrs[method] = rate
     return lrs
@@ -94,7 +97,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         time_steps=args.time_steps, time_batch_size=args.time_batch_size, train_steps=args.train_steps,
         eval_batch_size=args.eval_batch_size, lrs=parse_lrs(args.lr), seed=args.seed,
         sizes=BaselineSizes(args.adapter_width, args.lora_rank, args.prompt_tokens),
-        side=SideOptions(reduction=args.reduction, side_layers=parse_side_layers(args.side_layers), drop_layers=args.drop_layers),
+        side=SideOptions(reduction=args.reduction, side_layers=parse_side_layers(args.side_layers), drop_layers=args.drop_layers,
+                         pooling=args.pooling),
         init=args.init, fisher_samples=args.fisher_samples, cache=args.cache, out=args.out, quiet=args.quiet,
     )
     config.check()

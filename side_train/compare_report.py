@@ -9,7 +9,7 @@ from pathlib import Path
 
 from side_train.memory import MemoryAccount
 
-LABELS = {"full": "Full fine-tuning", "adapter": "Adapters", "lora": "LoRA", "bitfit": "BitFit", "prompt": "Prompt-tuning",
+LABELS = {"full": "Full fine-tuning", "adapter": "Adapters", "lora": "LoRA", "qlora": "QLoRA (4-bit NF4 + LoRA)", "bitfit": "BitFit", "prompt": "Prompt-tuning",
           "lst-live": "LST (live backbone)", "lst-cached": "LST (from cache)",
           "lst-cached-recompute": "LST (from cache, recompute)"}
 
@@ -24,13 +24,16 @@ class Row:
     memory: MemoryAccount
     seconds_per_step: float | None = None
     training: dict = field(default_factory=dict)  # lr, train_seconds, train_loss_last, validation, test
+    skipped: str | None = None  # why the method did not run here (e.g. QLoRA without a GPU); nothing measured
 
     @property
     def share(self) -> float:
-        return self.trainable_parameters / self.backbone_parameters
+        return self.trainable_parameters / self.backbone_parameters if self.backbone_parameters else 0.0
 
 
 def row_record(row: Row, full_bytes: int | None) -> dict:
+    if row.skipped:
+        return {"method": row.method, "skipped": row.skipped}
     m = row.memory
     record = {"method": row.method, "trainable_parameters": row.trainable_parameters, "backbone_parameters": row.backbone_parameters,
               "trainable_percent": round(100 * row.share, 4), **m.to_json(),
@@ -49,13 +52,16 @@ def row_record(row: Row, full_bytes: int | None) -> dict:
 def format_table(records: list[dict], settings: dict) -> str:
     """The shape of the paper's Table 1: method, updated parameters, memory, (score)."""
     gib = 2**30
-    cuda = any(r["cuda_peak_bytes"] is not None for r in records)
+    cuda = any(r.get("cuda_peak_bytes") is not None for r in records)
     scored = any("test_score" in r for r in records)
     head = ["Method", "Update param. (%)", "Memory (GiB)", "vs full", "Saved (GiB)"]
     head += ["CUDA peak (GiB)"] if cuda else []
     head += ["s/step"] + (["Val.", "Test"] if scored else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
+        if r.get("skipped"):
+            lines.append("| " + " | ".join([LABELS[r["method"]], f"skipped: {r['skipped']}", *[""] * (len(head) - 2)]) + " |")
+            continue
         cells = [LABELS[r["method"]], f"{r['trainable_percent']:.3f}", f"{r['total_bytes'] / gib:.3f}",
                  "" if r["memory_vs_full"] is None else f"{r['memory_vs_full']:.3f}x",
                  f"{(r['saved_bytes'] + r['recompute_bytes']) / gib:.3f}"]
@@ -80,6 +86,7 @@ def plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    records = [r for r in records if not r.get("skipped")]
     scored = all("test_score" in r for r in records)
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in records:
@@ -99,7 +106,7 @@ def plot(records: list[dict], path: Path) -> None:
 
 def write_outputs(rows: list[Row], settings: dict, out: Path) -> list[dict]:
     """compare.csv, compare.json and compare.png in `out`; returns the records."""
-    full = next((r.memory.total_bytes for r in rows if r.method == "full"), None)
+    full = next((r.memory.total_bytes for r in rows if r.method == "full" and not r.skipped), None)
     records = [row_record(r, full) for r in rows]
     out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for r in records for k in r))

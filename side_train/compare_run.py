@@ -34,7 +34,15 @@ from shared.errors import UserError
 from shared.families import Backbone, family_of
 from shared.metrics import compute_metrics
 from shared.tasks import SPLITS, Example, TaskSpec
-from side_train.baselines import BASELINES, BaselineSizes, TokenInputs, build_baseline, family_baselines
+from side_train.baselines import (
+    BASELINES,
+    GPU_BASELINES,
+    BaselineSizes,
+    TokenInputs,
+    build_baseline,
+    family_baselines,
+    qlora_unavailable,
+)
 from side_train.compare_report import Row
 from side_train.data import Batch, epoch_batches, eval_batches
 from side_train.families import side_family
@@ -44,9 +52,10 @@ from side_train.recipe import INITS
 from side_train.train import TrainConfig, lr_at
 
 LST_METHODS = ("lst-live", "lst-cached", "lst-cached-recompute")
-METHODS = (*BASELINES, *LST_METHODS)
+METHODS = (*BASELINES, *LST_METHODS)  # the default list: every one runs on any device
+KNOWN_METHODS = (*METHODS, *GPU_BASELINES)  # and those that only a CUDA GPU runs (elsewhere: a skipped row)
 # Learning rates for the equal short budget: common values per method, not tuned here.
-DEFAULT_LR = {"full": 5e-5, "adapter": 1e-3, "lora": 1e-3, "bitfit": 3e-3, "prompt": 3e-2, "lst-live": 3e-3, "lst-cached": 3e-3,
+DEFAULT_LR = {"full": 5e-5, "adapter": 1e-3, "lora": 1e-3, "qlora": 1e-3, "bitfit": 3e-3, "prompt": 3e-2, "lst-live": 3e-3, "lst-cached": 3e-3,
               "lst-cached-recompute": 3e-3}
 SYNTHETIC = "synthetic"  # --task synthetic: exactly max_length random tokens per example, random binary labels
 
@@ -85,9 +94,9 @@ class CompareConfig:
         return self.time_batch_size or self.batch_size
 
     def check(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in KNOWN_METHODS]
         if unknown or not self.methods:
-            raise UserError(f"unknown method {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(METHODS)}")
+            raise UserError(f"unknown method {unknown[0] if unknown else '(none)'!r}; choose from {', '.join(KNOWN_METHODS)}")
         for name in ("batch_size", "time_batch_size", "eval_batch_size", "fisher_samples"):
             positive(getattr(self, name), f"--{name.replace('_', '-')}")
         for name in ("adapter_width", "lora_rank", "prompt_tokens"):
@@ -101,7 +110,7 @@ class CompareConfig:
         if self.memory_on not in ("device", "meta"):
             raise UserError(f"--memory-on {self.memory_on!r}: choose device or meta")
         for method, lr in self.lrs.items():
-            if method not in METHODS or not lr > 0:
+            if method not in KNOWN_METHODS or not lr > 0:
                 raise UserError(f"--lr {method}={lr} must name a known method and a positive rate")
         if self.synthetic and self.train_steps:
             raise UserError("--task synthetic has random labels, so training it measures nothing; use a real task with --train-steps")
@@ -293,15 +302,16 @@ def prepare(method: str, config: CompareConfig, spec: TaskSpec, device: torch.de
     total = parameter_count(backbone.model)
     network_class = side_family(backbone.family)
     torch.manual_seed(config.seed)
-    if method in BASELINES:
-        module = build_baseline(method, backbone, spec, config.sizes).to(device)
+    if method in BASELINES or method in GPU_BASELINES:
+        module = build_baseline(method, backbone, spec, config.sizes, config.side).to(device)
         return Prepared(method, module, lambda b: b, total, network_class, backbone.model)
     cfg = network_class.config_for(backbone, spec, config.side)
     side = new_side_network(network_class, cfg, backbone, init, scores, config.seed).to(device)
     side.set_recompute(method.endswith("-recompute"))
     if method == "lst-live":
-        if network_class.needs_lm_head:
-            side.lm_head = backbone.lm_head()[0].detach()  # reuse the backbone's frozen LM head, as the paper does
+        head = backbone.lm_head()[0].detach() if network_class.needs_lm_head else None
+        if head is not None and side.lm_head.shape == head.shape:
+            side.lm_head = head  # reuse the backbone's frozen LM head, as the paper does (a side keeping some rows keeps its copy)
         return Prepared(method, LadderLive(side, backbone), lambda b: b, total, network_class, backbone.model)
     generator = torch.Generator().manual_seed(config.seed)
     return Prepared(method, side, lambda b: cached_ladder_batch(b, side, generator), total, network_class, None)
@@ -461,7 +471,7 @@ def train_and_evaluate(method: str, config: CompareConfig, spec: TaskSpec, plans
     prepared = prepare(method, config, spec, device, *lst_init)
     network = prepared.network_class
     out: dict = {"lr": cfg.lr}
-    if method in BASELINES:
+    if method in BASELINES or method in GPU_BASELINES:
         module = prepared.module
 
         def loss_of_rows(rows):
@@ -543,6 +553,12 @@ def compare(config: CompareConfig) -> tuple[list[Row], dict]:
         lst_init = lst_init_scores(config, spec, plans)
     rows = []
     for method in config.methods:
+        skipped = qlora_unavailable(memory_device) or qlora_unavailable(device) if method in GPU_BASELINES else None
+        if skipped:
+            rows.append(Row(method, 0, 0, MemoryAccount(0, 0, 0, 0, 0, 0), skipped=skipped))
+            if not config.quiet:
+                tqdm.write(f"{method}: skipped ({skipped})", file=sys.stderr)
+            continue
         prepared = prepare(method, config, spec, memory_device)
         memory, _ = measure_memory(prepared, memory_batch.to(memory_device))
         row = Row(method, parameter_count(prepared.module, trainable_only=True), prepared.backbone_parameters, memory)

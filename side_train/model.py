@@ -46,6 +46,7 @@ class SideOptions:
     dropout: float = 0.1
     attention_dropout: float | None = None  # None: `dropout`, as the reference
     pooling: str = "mean"  # families with a classification head: mean or cls
+    merge_final: bool = False  # decoders: QST's gated mix of the backbone's final normed state before the head
 
     def check(self) -> None:
         if self.reduction <= 0:
@@ -57,6 +58,27 @@ class SideOptions:
         for flag, value in (("--dropout", self.dropout), ("--attention-dropout", self.attention_dropout)):
             if value is not None and not 0.0 <= value < 1.0:
                 raise UserError(f"{flag} must be in [0, 1), got {value}")
+
+
+@dataclass
+class GenerationConfig:
+    """How a side network generates (`side_train.predict --generate`): greedy at temperature 0, else sampled."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0  # 1: no nucleus cut
+    seed: int = 0  # the sampling generator's seed
+
+    def check(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise UserError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"--top-k must be 0 (off) or positive, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass(kw_only=True)
@@ -254,6 +276,11 @@ class SideNetwork(nn.Module):
     def loss(self, batch) -> torch.Tensor:
         raise NotImplementedError
 
+    def loss_weight(self, batch) -> torch.Tensor | int:
+        """How many terms `loss` averages (a data-parallel step weights each rank's mean by it):
+        the examples; a family whose loss averages tokens returns its target tokens."""
+        return batch.size
+
     def predict(self, batch) -> torch.Tensor:
         raise NotImplementedError
 
@@ -261,6 +288,15 @@ class SideNetwork(nn.Module):
         """Label values by generating text with the live backbone (families with `can_generate`)."""
         raise UserError(f"--eval generate: the {self.cfg.family} side network scores labels, it does not generate; "
                         "drop --eval generate")
+
+    def generate_texts(self, backbone: Backbone, inputs: list[list[str]], spec, max_length: int,
+                       settings: GenerationConfig) -> list[str]:
+        """Generated text for raw inputs with the live backbone (`side_train.predict --generate`)."""
+        raise UserError(f"--generate: the {self.cfg.family} side network does not generate text (decoder backbones do)")
+
+    def token_losses(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Instruction tasks: per example the summed response-token loss and the token count [B] (float64)."""
+        raise UserError(f"the {self.cfg.family} side network has no language-model loss; instruction tasks need a decoder backbone")
 
     def init_from_backbone(self, state: dict[str, torch.Tensor], scores: dict[str, torch.Tensor]) -> dict:
         """Pruned init from the backbone's state dict and per-row scores; returns the kept indices."""

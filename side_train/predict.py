@@ -2,8 +2,16 @@
 
     python -m side_train.predict --run runs/lst --text "a gorgeous, witty film"      # live backbone
     python -m side_train.predict --run runs/lst --cache ./cache --split test --out p.csv
+    python -m side_train.predict --run runs/sft --generate --text "Name a primary colour." --max-new-tokens 32
+    python -m side_train.predict --run runs/sft --generate --text "..." --temperature 0.8 --top-p 0.9 --seed 1
 
-Python API: `Predictor.from_run(run_dir).predict_texts([["a gorgeous, witty film"]])`.
+`--generate` (decoder backbones) continues each --text with the live backbone and the side network,
+both with their KV caches: an instruction-tuned run's text is the prompt as given; a label-word
+run's text fields are rendered with its prompt template first. Greedy unless --temperature > 0.
+An instruction-tuned run's --cache split gives each example's response loss.
+
+Python API: `Predictor.from_run(run_dir).predict_texts([["a gorgeous, witty film"]])`,
+`Predictor.from_run(run_dir).generate_texts(["Name a primary colour."], GenerationConfig())`.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from shared.families import Backbone
 from shared.tasks import Example, TaskSpec
 from side_train.data import CachedSplit, LiveSplit
 from side_train.evaluate import predict
-from side_train.model import SideNetwork, from_pretrained
+from side_train.model import GenerationConfig, SideNetwork, from_pretrained
 from side_train.runs import stored_identity
 
 
@@ -68,14 +76,31 @@ class Predictor:
                 raise UserError(f"the model {record['name']!r} loaded now differs from the one the side model was trained on")
         return self._backbone
 
-    def predict_texts(self, texts: list[list[str]]) -> list[str]:
-        """Label names (or regression values as strings) for raw inputs, one list of fields per example."""
-        if not texts:
-            return []
+    def generate_texts(self, texts: list[str] | list[list[str]], settings: GenerationConfig | None = None) -> list[str]:
+        """Generated continuations: an instruction-tuned run's prompts (strings), or a class task's inputs
+        (lists of text fields, rendered with the run's prompt template)."""
+        settings = settings or GenerationConfig()
+        settings.check()
+        if self.spec.label_kind == "lm":
+            inputs = [[t if isinstance(t, str) else " ||| ".join(t)] for t in texts]
+        else:
+            inputs = [[t] if isinstance(t, str) else list(t) for t in texts]
+            self._check_fields(inputs)
+        return self.model.generate_texts(self.backbone, inputs, self.spec, self.max_length, settings)
+
+    def _check_fields(self, texts: list[list[str]]) -> None:
         expected = len(self.spec.text_fields)
         for fields in texts:
             if len(fields) != expected:
                 raise UserError(f"each input needs {expected} text field(s) ({', '.join(self.spec.text_fields)}), got {len(fields)}")
+
+    def predict_texts(self, texts: list[list[str]]) -> list[str]:
+        """Label names (or regression values as strings) for raw inputs, one list of fields per example."""
+        if self.spec.label_kind == "lm":
+            raise UserError("an instruction-tuned run generates its answers: add --generate")
+        if not texts:
+            return []
+        self._check_fields(texts)
         examples = [Example(f"input-{i}", list(t), 0) for i, t in enumerate(texts)]
         plan = plan_split("input", examples, self.spec, self.backbone, self.max_length, self.max_target_length, 64,
                           with_candidates=True)
@@ -105,6 +130,8 @@ class Predictor:
         source = CachedSplit(Path(cache), manifest, split, {s: layers[s] for s in self.model.eval_stacks})
         values = predict(self.model, source, self.spec, self.device, 100)
         ids = source.examples.column("example_id").to_pylist()
+        if self.spec.label_kind == "lm":  # each example's mean response-token cross-entropy (blank: no response tokens)
+            return [{"example_id": i, "response_loss": "" if np.isnan(v) else f"{v:.4f}"} for i, v in zip(ids, values)]
         return [{"example_id": i, "prediction": self.label_name(v), "label": self.label_name(y)}
                 for i, v, y in zip(ids, values, source.labels)]
 
@@ -124,6 +151,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write a CSV of predictions here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--device", default="auto")
+    g = p.add_argument_group("generation (--generate, decoder backbones)")
+    g.add_argument("--generate", action="store_true", help="generate a continuation of each --text (live backbone)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sample from softmax(logits / T)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens only (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens whose probability reaches p")
+    g.add_argument("--seed", type=int, default=0, help="the sampling seed")
     return p.parse_args(argv)
 
 
@@ -136,8 +170,15 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--out {out} must be a file in an existing folder")
         if out.exists() and not args.overwrite:
             raise UserError(f"--out {out} exists; choose another file or pass --overwrite to replace it")
+    settings = GenerationConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    settings.check()
+    if args.generate and (args.cache or not args.text):  # before the model loads
+        raise UserError("--generate continues texts: pass --text \"...\" (not --cache)")
     predictor = Predictor.from_run(Path(args.run), args.device, args.best)
-    if args.cache:
+    if args.generate:
+        texts = args.text if predictor.spec.label_kind == "lm" else [t.split(" ||| ") for t in args.text]
+        rows = [{"text": t, "generation": g} for t, g in zip(args.text, predictor.generate_texts(texts, settings))]
+    elif args.cache:
         rows = predictor.predict_cache(Path(args.cache), args.split)
     elif args.text:
         texts = [t.split(" ||| ") for t in args.text]

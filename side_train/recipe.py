@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -19,8 +18,10 @@ from backbone_cache.plan import SplitPlan, plan_split
 from shared.backbones import default_dtype, load_backbone
 from shared.cache_format import open_complete
 from shared.config import DataConfig, ModelConfig
+from shared.distributed import Ranks, local_world_size
 from shared.errors import UserError
 from shared.families import Backbone
+from shared.stores import CacheLocation
 from shared.tasks import SPLITS, TaskSpec
 from side_train.data import CachedSplit, LiveSplit
 from side_train.families import side_family
@@ -34,7 +35,8 @@ TIERS = ("auto", "gpu", "ram", "disk")
 class SourceConfig:
     """Where ladder states come from: a cache, or the backbone run live (on a model and data)."""
 
-    cache: str | None = None
+    cache: str | None = None  # a folder, or an object-storage URL (s3://bucket/prefix, gs://..., any fsspec URL)
+    storage_options: dict = field(default_factory=dict)  # fsspec options of a URL cache (credentials, endpoint_url)
     live: bool = False  # with a cache: run its backbone on its data instead of reading its states
     model: ModelConfig = field(default_factory=ModelConfig)  # live without a cache
     data: DataConfig = field(default_factory=DataConfig)  # live without a cache
@@ -54,7 +56,7 @@ class Sources:
     splits: list[str]
     mode: str  # "cache" or "live"
     manifest: dict | None
-    cache: Path | None
+    cache: CacheLocation | None
     plans: dict[str, SplitPlan] = field(default_factory=dict)  # live: each split's tokens
 
     @property
@@ -65,8 +67,10 @@ class Sources:
 def open_sources(config: SourceConfig, device: torch.device, splits: tuple[str, ...] = SPLITS) -> Sources:
     """Resolve a SourceConfig into a backbone, a task and the splits to train and evaluate on."""
     manifest, model = None, config.model
-    if config.cache:
-        manifest = open_complete(Path(config.cache))
+    cache = CacheLocation.of(config.cache, config.storage_options or None) if config.cache else None
+    if cache is not None:
+        cache.check_access()  # a missing bucket, bad credentials or an unreachable endpoint: one line, first
+        manifest = open_complete(cache)
         name = manifest["model"]["name"]
         if config.model.name is not None and config.model.name != name:
             raise UserError(f"cache {config.cache} was built from model {name!r}, not --model {config.model.name!r}; "
@@ -84,7 +88,6 @@ def open_sources(config: SourceConfig, device: torch.device, splits: tuple[str, 
                         "run --cache --live on the kind of device that built the cache, or train live without --cache")
     backbone = load_backbone(model.name, device if live else torch.device("cpu"), dtype=None if live else torch.float32,
                              revision=model.revision, trust_remote_code=model.trust_remote_code)
-    cache = Path(config.cache) if config.cache else None
     if manifest is not None:
         found = backbone.info().to_json()
         for key in ("config_fingerprint", "tokenizer_fingerprint", "d_model", "num_layers"):
@@ -117,7 +120,8 @@ def state_bytes(manifest: dict, split: str, cfg: SideConfig) -> int:
 
 def choose_tier(manifest: dict, cfg: SideConfig, device: torch.device, tier: str = "auto") -> str:
     """gpu if every split fits in half the free GPU memory, else ram if it fits in half the
-    available host memory, else disk; an explicit tier is taken as given."""
+    available host memory, else disk; an explicit tier is taken as given. Under torchrun every
+    process on the node holds its own copy, so host memory must fit one per local rank."""
     if tier not in TIERS:
         raise UserError(f"--tier {tier!r}: choose one of {', '.join(TIERS)}")
     if tier != "auto":
@@ -128,7 +132,7 @@ def choose_tier(manifest: dict, cfg: SideConfig, device: torch.device, tier: str
     if device.type == "cuda" and need < 0.5 * torch.cuda.mem_get_info(device)[0]:
         return "gpu"
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return "ram" if need < 0.5 * available else "disk"
+    return "ram" if need * local_world_size() < 0.5 * available else "disk"
 
 
 def reader_mode(text: str) -> str | int:
@@ -145,22 +149,24 @@ def reader_mode(text: str) -> str | int:
     return count
 
 
-def default_reader(device: torch.device | None = None) -> str | int:
+def default_reader(device: torch.device | None = None, remote: bool = False) -> str | int:
     """How the disk tier reads where --reader is not given. On a few CPUs a CPU training step uses
     every core, and reads stolen from it on another thread stall the step's parallel regions as
     well: reading inline, between steps, costs the read time once (measured on 2 CPUs: disk/RAM
     epoch 0.95-1.06x inline, 1.03-1.19x with a thread, 1.4-1.6x with a process). Beside a GPU the
     CPU is free while the step runs, so a background thread overlaps the reads; with more than 4
-    CPUs, one reader process."""
+    CPUs, one reader process. A cache on object storage is never read inline: a background
+    thread fetches the next pools while the current ones train (its wait is the network's)."""
     if (os.cpu_count() or 1) > 4:
         return 1
-    return "thread" if device is not None and device.type == "cuda" else "inline"
+    return "thread" if remote or (device is not None and device.type == "cuda") else "inline"
 
 
 def data_sources(sources: Sources, cfg: SideConfig, tier: str = "ram", reader: str | int | None = None,
-                 device: torch.device | None = None) -> dict:
+                 device: torch.device | None = None, ranks: Ranks | None = None) -> dict:
     """Each split's source of batches for a side network's layers, in the given tier: training
-    splits hold the network's training stacks, the others its evaluation stacks."""
+    splits hold the network's training stacks, the others its evaluation stacks. With `ranks` of
+    a data-parallel job, a cached evaluation split holds only this rank's share (its rows to score)."""
     from side_train.streaming import StreamingSplit
 
     network = sources.network_class
@@ -173,10 +179,11 @@ def data_sources(sources: Sources, cfg: SideConfig, tier: str = "ram", reader: s
             out[split] = LiveSplit(sources.backbone, sources.plans[split], wanted)
         elif tier == "disk" and split == "train":
             out[split] = StreamingSplit(sources.cache, sources.manifest, split, wanted,
-                                        default_reader(device) if reader is None else reader,
+                                        default_reader(device, not sources.cache.is_local) if reader is None else reader,
                                         pin_memory=device is not None and device.type == "cuda")
-        else:
-            out[split] = CachedSplit(sources.cache, sources.manifest, split, wanted, device if tier == "gpu" else None)
+        else:  # a data-parallel rank holds only its share of an evaluation split
+            out[split] = CachedSplit(sources.cache, sources.manifest, split, wanted, device if tier == "gpu" else None,
+                                     share_of=ranks if split != "train" else None)
     return out
 
 
@@ -194,8 +201,12 @@ def importance_scores(sources: Sources, init: str, fisher_samples: int, quiet: b
         meta = sources.manifest.get("importance")
         if not meta or meta.get("kind") != "fisher":
             raise UserError(f"cache {sources.cache} holds no Fisher importance; extract with --init fisher or use --init magnitude")
-        scores, _ = load_importance(sources.cache / "importance.safetensors")
-        return scores
+        if sources.cache.is_local:
+            scores, _ = load_importance(sources.cache.path / "importance.safetensors")
+            return scores
+        from safetensors.torch import load
+
+        return load(sources.cache.read_bytes("importance.safetensors"))
     if "train" not in sources.plans:
         raise UserError("fisher init needs the train split")
     return fisher_scores(sources.backbone, sources.spec, sources.plans["train"], fisher_samples, quiet=quiet)

@@ -3,10 +3,13 @@
     python -m side_train.run --cache ./cache --out runs/lst        # from cached states (RAM, GPU or disk tier)
     python -m side_train.run --cache ./cache --live --out runs/l   # same data, backbone live
     python -m side_train.run --model t5-base --task rte --out r    # live, no cache
+    torchrun --nproc-per-node 4 -m side_train.run --cache ./cache --out runs/ddp   # data parallel
 
 The run folder gets config.json, metrics.jsonl, summary.json, side_model/ and
-best_side_model/ (safetensors + side_config.json), and checkpoint/ for resuming. This module
-turns flags into a `RunConfig`; the work is in side_train.runs.
+best_side_model/ (safetensors + side_config.json), and checkpoint/ for resuming. Under torchrun
+the run is data parallel (DistributedDataParallel; gloo on CPUs, NCCL on cuda:LOCAL_RANK):
+--batch-size is each rank's, the global batch --batch-size x world size, and rank 0 writes
+the run folder. This module turns flags into a `RunConfig`; the work is in side_train.runs.
 """
 
 from __future__ import annotations
@@ -14,7 +17,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shared.cli import Parser, add_data_arguments, add_model_arguments, data_config, data_flags_given, model_config
+from shared.cli import (
+    Parser,
+    add_data_arguments,
+    add_model_arguments,
+    add_storage_arguments,
+    data_config,
+    data_flags_given,
+    model_config,
+    storage_options,
+)
+from shared.distributed import ranks, teardown
 from shared.errors import UserError, cli_entry
 from side_train.model import SideOptions
 from side_train.recipe import INITS, TIERS, SourceConfig, reader_mode
@@ -25,7 +38,9 @@ from side_train.train import TrainConfig
 def build_parser() -> Parser:
     p = Parser(prog="python -m side_train.run", description=__doc__.split("\n")[0])
     g = p.add_argument_group("where ladder states come from")
-    g.add_argument("--cache", default=None, help="cache folder made by backbone_cache.extract")
+    g.add_argument("--cache", default=None,
+                   help="cache made by backbone_cache.extract: a folder, or a URL (s3://bucket/prefix, gs://..., any fsspec URL)")
+    add_storage_arguments(g)
     g.add_argument("--live", action="store_true", help="run the backbone each batch (with --cache: on the cache's model and data)")
     add_model_arguments(g, " (live, without --cache)")
     add_data_arguments(g, " (live, without --cache)")
@@ -48,11 +63,15 @@ def build_parser() -> Parser:
                         "attention kernels run and makes the side step much cheaper at long lengths")
     g.add_argument("--pooling", default="mean", choices=["mean", "cls", "last"],
                    help="classification head input: mean over tokens, the first token (encoders) or the last real token (decoders)")
+    g.add_argument("--merge-final", action="store_true",
+                   help="decoders: mix the backbone's final normed state into the side output before the LM head with a "
+                        "learned per-channel gate (QST's output)")
     g = p.add_argument_group("training")
     g.add_argument("--out", default="runs/lst", help="run folder (resumed if it holds the same unfinished run)")
     g.add_argument("--epochs", type=int, default=None, help="default: the task's (20 small, 10 large)")
     g.add_argument("--max-steps", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=100)
+    g.add_argument("--batch-size", type=int, default=100,
+                   help="examples per step and process; under torchrun the global batch is this x the world size")
     g.add_argument("--eval-batch-size", type=int, default=100)
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--warmup-steps", type=int, default=500)
@@ -88,10 +107,14 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         if given:
             raise UserError(f"{given[0]} sets how a live run cuts its data; a run from --cache takes the cache's data "
                             f"and lengths: drop {given[0]}, or train live without --cache")
-    source = SourceConfig(cache=args.cache, live=args.live, model=model_config(args), data=data_config(args),
+    options = storage_options(args)
+    if options and not (args.cache and "://" in args.cache):
+        raise UserError("--storage-options is for a --cache on object storage (s3://, gs://, ...); drop it")
+    source = SourceConfig(cache=args.cache, storage_options=options, live=args.live, model=model_config(args), data=data_config(args),
                           device=args.device, tier=args.tier, reader=args.reader)
     side = SideOptions(reduction=args.reduction, side_layers=parse_side_layers(args.side_layers), drop_layers=args.drop_layers,
-                       dropout=args.dropout, attention_dropout=args.attention_dropout, pooling=args.pooling)
+                       dropout=args.dropout, attention_dropout=args.attention_dropout, pooling=args.pooling,
+                       merge_final=args.merge_final)
     train = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                         eval_batch_size=args.eval_batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                         weight_decay=args.weight_decay, clip=args.clip, seed=args.seed, eval_mode=args.eval_mode,
@@ -122,9 +145,13 @@ def format_summary(summary: dict) -> str:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    summary = run(config)
-    print(format_summary(summary))
-    print(f"run folder: {config.out}")
+    try:
+        summary = run(config)
+    finally:
+        teardown()
+    if ranks().is_main:
+        print(format_summary(summary))
+        print(f"run folder: {config.out}")
     return 0
 
 

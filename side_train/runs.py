@@ -1,7 +1,8 @@
 """Training runs: run folders, their identity, and the passes that train them.
 
 A run is one side network trained into one folder (config.json, metrics.jsonl, summary.json,
-side_model/, best_side_model/, checkpoint/). `run(RunConfig)` trains one; a sweep
+side_model/, best_side_model/, checkpoint/). `run(RunConfig)` trains one (under torchrun: data
+parallel, with rank 0 writing the folder; see side_train.train.TrainState); a sweep
 (side_train.sweep_plan) trains many, grouped into passes over one shared batch stream.
 Both go through `train_pass`, so a run and a sweep of one are the same code and give the
 same numbers. A killed run, rerun with the same settings, resumes from its checkpoint.
@@ -22,8 +23,10 @@ import torch
 from shared.allocator import keep_freed_memory
 from shared.backbones import pick_device
 from shared.cli import positive
+from shared.distributed import Ranks, barrier, broadcast_object, check_devices, setup
 from shared.errors import UserError
 from side_train.data import LayerView
+from side_train.evaluate import GENERATE_ON_LM
 from side_train.model import SideConfig, SideOptions
 from side_train.recipe import (
     INITS,
@@ -162,12 +165,22 @@ def prepare_run_dir(member: Member) -> None:
         raise UserError(f"cannot write to --out {run_dir}; choose a folder you can write to") from None
 
 
+PUBLIC_OPTIONS = ("endpoint_url", "client_kwargs", "anon", "region_name", "project")
+
+
+def public_options(options: dict) -> dict:
+    """--storage-options as recorded in a run folder: credentials replaced by "<hidden>"."""
+    return {k: v if k in PUBLIC_OPTIONS else "<hidden>" for k, v in options.items()}
+
+
 def write_config(member: Member, sources: Sources) -> None:
     """config.json: the run's identity, its settings, and `inputs`, the lengths its training inputs
     were cut at (a cache's own, else the data settings), which prediction repeats."""
     lengths = sources.manifest if sources.manifest is not None else asdict(member.config.source.data)
     inputs = {k: lengths[k] for k in ("max_length", "max_target_length")}
-    record = {"run_folder_version": RUN_FOLDER_VERSION, "identity": member.identity, "settings": asdict(member.config),
+    settings = asdict(member.config)
+    settings["source"]["storage_options"] = public_options(settings["source"]["storage_options"])
+    record = {"run_folder_version": RUN_FOLDER_VERSION, "identity": member.identity, "settings": settings,
               "inputs": inputs}
     (member.run_dir / "config.json").write_text(json.dumps(record, indent=1, default=str))
 
@@ -175,20 +188,31 @@ def write_config(member: Member, sources: Sources) -> None:
 # --- members ---------------------------------------------------------------------------------
 
 
-def make_member(name: str, config: RunConfig, sources: Sources, device: torch.device, overrides: dict | None = None) -> Member:
-    """Size a run's side network and compute its identity (what a resumed run must repeat)."""
+def make_member(name: str, config: RunConfig, sources: Sources, device: torch.device, overrides: dict | None = None,
+                world_size: int = 1) -> Member:
+    """Size a run's side network and compute its identity (what a resumed run must repeat; a data
+    parallel run's includes its world size, which sets the global batch)."""
     side_cfg = side_config(sources, config.side)
     train_cfg = config.train
     if train_cfg.epochs is None:
         train_cfg = TrainConfig(**{**asdict(train_cfg), "epochs": sources.spec.epochs})
     uses_bf16(train_cfg.precision, device)  # refuse bf16 where it is not native before any folder is made
+    if train_cfg.eval_mode == "generate" and sources.spec.label_kind == "lm":
+        raise UserError(GENERATE_ON_LM)
     if train_cfg.eval_mode == "generate" and (sources.mode != "live" or not sources.network_class.can_generate):
         raise UserError("--eval generate needs a backbone run live that can generate (T5: add --live), "
                         "or drop --eval generate")
     identity = {"side": side_cfg.to_json(), "train": config_dict(train_cfg, device), "init": config.init,
                 "model": sources.backbone.info().to_json(), "task": sources.spec.to_json(),
-                "cache": str(sources.cache.resolve()) if sources.cache else None, "mode": sources.mode}
+                "cache": cache_name(sources.cache) if sources.cache else None, "mode": sources.mode}
+    if world_size > 1:
+        identity["world_size"] = world_size
     return Member(name, config, side_cfg, train_cfg, Path(config.out), identity, overrides or {})
+
+
+def cache_name(cache) -> str:
+    """How a run records its cache: a folder's absolute path, or the URL (never its credentials)."""
+    return str(cache.path.resolve()) if cache.is_local else cache.url
 
 
 def union_config(members: list[Member]) -> SideConfig:
@@ -220,13 +244,16 @@ def positions_in(union: SideConfig, cfg: SideConfig) -> dict[str, list[int] | No
 
 
 def train_pass(members: list[Member], sources: Sources, data: dict, union: SideConfig, scores: dict, device: torch.device,
-               label: str = "train", quiet: bool = False, track_memory: bool = False, last_pass: bool = True) -> None:
-    """Build and train a pass's members on one shared batch stream (they share batch size and seed).
+               label: str = "train", quiet: bool = False, track_memory: bool = False, last_pass: bool = True,
+               ranks: Ranks | None = None) -> None:
+    """Build and train a pass's members on one shared batch stream (they share batch size and seed;
+    with `ranks` of a torchrun job, data parallel over the ranks).
     After the last pass's networks are built, a cached run's backbone weights are dropped (only the
     LM head, copied into a side network, is still needed)."""
     for m in members:
         model = build_side_network(m.side_cfg, sources.backbone, m.config.init, scores.get(m.config.init), m.train_cfg.seed)
-        state = TrainState(model, data["train"].lengths, sources.spec, m.train_cfg, m.run_dir, device, track_memory=track_memory)
+        state = TrainState(model, data["train"].lengths, sources.spec, m.train_cfg, m.run_dir, device, track_memory=track_memory,
+                           ranks=ranks)
         positions = positions_in(union, m.side_cfg)
         evals = {s: LayerView(data[s], positions) for s in ("validation", "test") if s in data}
         m.trainee = Trainee(m.name, state, positions, evals)
@@ -239,10 +266,15 @@ def train_pass(members: list[Member], sources: Sources, data: dict, union: SideC
 
 def finish_member(m: Member, sources: Sources, total_params: int, device: torch.device, tier: str,
                   pass_info: dict | None = None) -> dict:
-    """side_model/ and summary.json (with a sweep's own figures when `pass_info` is given)."""
+    """side_model/ and summary.json (with a sweep's own figures when `pass_info` is given;
+    data parallel: written by rank 0, returned on every rank)."""
     state = m.trainee.state
     summary = state.summary()
-    state.model.save_pretrained(m.run_dir / "side_model")
+    if state.world > 1:
+        summary["world_size"] = state.world
+        summary["global_batch_size"] = state.global_batch
+    if state.writes:
+        state.model.save_pretrained(m.run_dir / "side_model")
     trainable = state.model.trainable_parameters()
     summary.update(trainable_parameters=trainable, backbone_parameters=total_params, trainable_share=trainable / total_params,
                    source=sources.mode, tier=tier, device=str(device), wall_seconds=round(m.seconds, 3),
@@ -253,7 +285,8 @@ def finish_member(m: Member, sources: Sources, total_params: int, device: torch.
             summary["training_memory_bytes"] = state.memory.total_bytes
             summary["training_memory"] = state.memory.to_json()
         summary["sweep"] = pass_info
-    (m.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if state.writes:
+        (m.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     m.trainee = None
     return summary
 
@@ -275,27 +308,58 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def job_device(choice: str) -> tuple[torch.device, Ranks]:
+    """The device of this process (under torchrun: cuda:LOCAL_RANK beside GPUs), having joined the job's process group."""
+    from shared.distributed import ranks as job_ranks
+
+    r = job_ranks()
+    check_devices(choice, r)
+    device = pick_device(choice)  # a bad --device is refused before the process group forms
+    r = setup(device.type)
+    if r.distributed and device.type == "cuda":
+        device = torch.device("cuda", r.local_rank)
+    return device, r
+
+
+def on_rank_zero(fn, r: Ranks):
+    """Run `fn` on rank 0 alone; a UserError it raises is raised on every rank (the same one line)."""
+    if not r.distributed:
+        return fn()
+    message, result = None, None
+    if r.is_main:
+        try:
+            result = fn()
+        except UserError as err:
+            message = str(err)
+    message = broadcast_object(message)
+    if message is not None:
+        raise UserError(message)
+    barrier()
+    return result
+
+
 def run(config: RunConfig) -> dict:
-    """Train one side network into config.out and return its summary (the Python API of side_train.run)."""
+    """Train one side network into config.out and return its summary (the Python API of side_train.run).
+    Under torchrun: data parallel over the job's ranks (`--batch-size` per rank)."""
     keep_freed_memory()  # the step's large temporaries reuse memory (shared.allocator)
-    device = pick_device(config.source.device)
+    device, ranks = job_device(config.source.device)
     sources = open_sources(config.source, device)
     if "train" not in sources.splits:
         raise UserError("the data has no train split; extract it with --splits train,...")
-    member = make_member(Path(config.out).name, config, sources, device)
-    prepare_run_dir(member)
+    member = make_member(Path(config.out).name, config, sources, device, world_size=ranks.world_size)
+    on_rank_zero(lambda: prepare_run_dir(member), ranks)
     scores = {config.init: importance_scores(sources, config.init, config.fisher_samples, quiet=config.train.quiet)}
     total = backbone_parameters(sources.backbone)
     tier = choose_tier(sources.manifest, member.side_cfg, device, config.source.tier) if sources.mode == "cache" else "live"
-    data = data_sources(sources, member.side_cfg, tier, config.source.reader, device)
-    if not (member.run_dir / "config.json").is_file():
+    data = data_sources(sources, member.side_cfg, tier, config.source.reader, device, ranks)
+    if ranks.is_main and not (member.run_dir / "config.json").is_file():
         # written once every check has passed: a run refused above leaves no identity behind to block its corrected rerun
         write_config(member, sources)
-    if not config.train.quiet:
+    if not config.train.quiet and ranks.is_main:
         trainable = parameter_count(member.side_cfg)
         print(f"side network: {trainable:,} trainable parameters, {100 * trainable / total:.3f}% of the "
               f"{total:,}-parameter backbone; source: {sources.mode} ({tier}); device: {device}", file=sys.stderr)
     start = time.perf_counter()
-    train_pass([member], sources, data, member.side_cfg, scores, device, quiet=config.train.quiet)
+    train_pass([member], sources, data, member.side_cfg, scores, device, quiet=config.train.quiet, ranks=ranks)
     member.seconds = time.perf_counter() - start
     return finish_member(member, sources, total, device, tier)

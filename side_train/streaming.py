@@ -8,6 +8,10 @@ padded batches. Workers start with `spawn` and open the zarr arrays lazily; batc
 back in pinned memory when a GPU is used, and the loader prefetches the next pools while
 the current ones train. With `workers="thread"` the same code runs in a background thread,
 with `workers="inline"` in the training thread, a pool at a time between steps.
+
+Under torchrun each rank's epoch plan holds its share of every global batch
+(`side_train.data.rank_plan`), so its pools name only the rows it reads; `CachedSplit(share_of=ranks)`
+holds a rank's contiguous share of an evaluation split.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class PoolDataset(torch.utils.data.Dataset):
 
     def __init__(self, cache_dir: Path, manifest: dict, split: str, positions: dict[str, list[int]],
                  labels: np.ndarray, plan: EpochPlan, first: int):
-        self.cache_dir, self.split, self.positions, self.labels = Path(cache_dir), split, positions, labels
+        self.cache_dir, self.split, self.positions, self.labels = cache_dir, split, positions, labels  # a location pickles
         self.meta = {s: manifest["splits"][split]["stacks"][s] for s in positions}
         self.pools, self.first = plan.pools, first
         self.start_pool = next(i for i, (a, b, _) in enumerate(plan.pools) if b > first) if first < len(plan) else len(plan.pools)
@@ -83,7 +87,7 @@ class StreamingSplit:
     def __init__(self, cache_dir: Path, manifest: dict, split: str, layers: dict[str, list[int]],
                  workers: str | int = "inline", pin_memory: bool = False):
         meta = split_meta(manifest, split)
-        self.cache_dir, self.manifest, self.split = Path(cache_dir), manifest, split
+        self.cache_dir, self.manifest, self.split = cache_dir, manifest, split
         self.workers, self.pin_memory = workers, pin_memory
         self.readers = {s: StackReader(cache_dir, split, s, meta[s]) for s in layers}
         self.positions = {s: state_positions(r.layers, layers[s], s) for s, r in self.readers.items()}

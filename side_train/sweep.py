@@ -2,6 +2,7 @@
 
     python -m side_train.sweep --cache ./cache --out sweeps/r --grid reduction=8,16,32 lr=1e-3,3e-3 seed=0,1
     python -m side_train.sweep --cache ./cache --out sweeps/l --configs layers.yaml --epochs 5
+    torchrun --nproc-per-node 4 -m side_train.sweep --cache ./cache --out sweeps/r --grid seed=0,1,2,3   # spread over ranks
 
 Any other flag is a side_train.run flag shared by every configuration. This module turns
 flags into a `SweepConfig`; planning, running and reporting are side_train.sweep_plan,
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from shared.cli import Parser
+from shared.distributed import ranks, teardown
 from shared.errors import UserError, cli_entry
 from side_train import run as solo
 from side_train.sweep_plan import SweepConfig, load_config_file, parse_bytes, parse_grid
@@ -24,7 +26,8 @@ def parse_args(argv: list[str] | None) -> SweepConfig:
     """The sweep's own flags; the rest are side_train.run flags shared by every configuration."""
     p = Parser(prog="python -m side_train.sweep", description=__doc__.split("\n")[0],
                epilog="Any other flag is a side_train.run flag shared by every configuration (e.g. --epochs 5 --init magnitude).")
-    p.add_argument("--cache", required=True, help="cache folder made by backbone_cache.extract")
+    p.add_argument("--cache", required=True,
+                   help="cache made by backbone_cache.extract: a folder or a URL (s3://..., gs://...; see --storage-options)")
     p.add_argument("--out", default="sweeps/sweep", help="sweep folder: runs/<name>/ per configuration, results, plots")
     p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2", help="values to cross, e.g. reduction=8,16 lr=1e-3,3e-3")
     p.add_argument("--configs", default=None, help="JSON or YAML file: a list of configurations, or {grid: {...}, configs: [...]}")
@@ -61,7 +64,12 @@ def parse_args(argv: list[str] | None) -> SweepConfig:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    sweep(config)
+    try:
+        sweep(config)
+    finally:
+        teardown()
+    if not ranks().is_main:
+        return 0
     table = Path(config.out) / "results.md"
     if table.is_file():
         print(table.read_text())

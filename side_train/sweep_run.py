@@ -7,6 +7,11 @@ of the layers all configurations read -> group configurations that share a batch
 pass goes through side_train.runs.train_pass, the loop a lone run uses -> results tables and
 plots (side_train.sweep_report). A killed sweep, rerun with the same command, keeps finished
 runs and resumes the others.
+
+Under torchrun the configurations left to train are dealt to the ranks in turn (each rank
+trains its own, on cuda:LOCAL_RANK beside GPUs, with no gradient sync between them); rank 0
+prepares the run folders, and writes sweep.json and the one results table once every rank is
+done. Each member's numbers are those it gets in a one-process sweep.
 """
 
 from __future__ import annotations
@@ -19,15 +24,18 @@ from pathlib import Path
 import torch
 
 from shared.allocator import keep_freed_memory
-from shared.backbones import pick_device
+from shared.distributed import barrier, broadcast_object, gather_patiently, local_world_size, patient_group
 from shared.errors import UserError
 from side_train.data import LayerView
 from side_train.recipe import backbone_parameters, choose_tier, data_sources, importance_scores, open_sources
 from side_train.runs import (
+    cache_name,
     check_out_path,
     finish_member,
     finished_before,
+    job_device,
     make_member,
+    on_rank_zero,
     positions_in,
     prepare_run_dir,
     release,
@@ -57,32 +65,41 @@ def sweep(config: SweepConfig) -> list[dict]:
         raise UserError("a sweep trains from the cache only; drop --live")
     if base.train.eval_mode == "generate":
         raise UserError("--eval generate needs the live backbone; sweeps score candidates (drop --eval generate)")
-    device = pick_device(base.source.device)
+    device, ranks = job_device(base.source.device)
+    patient = patient_group()  # the final wait lasts as long as the slowest rank's members
     sources = open_sources(base.source, torch.device("cpu"))
     if "train" not in sources.splits:
         raise UserError("the cache has no train split; extract it with --splits train,...")
     members = [make_member(name, run_config, sources, device, overrides) for name, overrides, run_config in member_configs(config)]
     out = check_sweep_folder(Path(config.out))
     # importance scores before any run folder is written: a sweep refused for lack of them leaves nothing behind
-    unfinished = [m for m in members if not finished_before(m)]
+    finished = broadcast_object([m.name for m in members if finished_before(m)] if ranks.is_main else None)
+    unfinished = [m for m in members if m.name not in finished]
     scores = {init: importance_scores(sources, init, base.fisher_samples) for init in sorted({m.config.init for m in unfinished})}
-    out.mkdir(parents=True, exist_ok=True)
+
+    def prepare() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        for m in unfinished:
+            try:
+                prepare_run_dir(m)
+            except UserError as err:
+                raise UserError(f"configuration {m.name}: {err}") from None
+            if not (m.run_dir / "config.json").is_file():
+                write_config(m, sources)
+
+    on_rank_zero(prepare, ranks)
     for m in members:
-        if finished_before(m):
-            m.finished = True
-            continue
-        try:
-            prepare_run_dir(m)
-        except UserError as err:
-            raise UserError(f"configuration {m.name}: {err}") from None
-        if not (m.run_dir / "config.json").is_file():
-            write_config(m, sources)
-    todo = [m for m in members if not m.finished]
+        m.finished = m.name in finished
+    todo = [m for m in members if not m.finished][ranks.rank :: ranks.world_size]  # this rank's share
     total_params = backbone_parameters(sources.backbone)
-    record = {"cache": str(sources.cache.resolve()), "shared_flags": config.shared_flags, "device": str(device),
+    record = {"cache": cache_name(sources.cache), "shared_flags": config.shared_flags, "device": str(device),
               "members": [{"name": m.name, "overrides": m.overrides, "run_dir": str(m.run_dir)} for m in members], "passes": []}
-    say = (lambda text: None) if config.quiet else (lambda text: print(text, file=sys.stderr))
-    say(f"sweep: {len(members)} configurations, {len(members) - len(todo)} already finished, {len(todo)} to train")
+    if ranks.distributed:
+        record["world_size"] = ranks.world_size
+    quiet = config.quiet or not ranks.is_main  # rank 0 shows its progress; every rank trains
+    say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr))
+    spread = f"; {ranks.world_size} ranks, this one trains {len(todo)}" if ranks.distributed else ""
+    say(f"sweep: {len(members)} configurations, {len(finished)} already finished, {len(members) - len(finished)} to train{spread}")
     if todo:
         union = union_config(todo)
         tier = choose_tier(sources.manifest, union, device, base.source.tier)
@@ -91,6 +108,8 @@ def sweep(config: SweepConfig) -> list[dict]:
         head = sources.backbone.lm_head()
         estimate_memory(todo, views, head[0].detach().float().cpu() if head is not None else None, device)
         budget = config.memory_budget or default_budget(device)
+        if budget and device.type == "cpu":
+            budget //= local_world_size()  # the node's ranks share its RAM
         groups: dict[tuple[int, int], list] = {}
         for m in todo:
             groups.setdefault((m.train_cfg.batch_size, m.train_cfg.seed), []).append(m)
@@ -99,7 +118,7 @@ def sweep(config: SweepConfig) -> list[dict]:
             f"states for layers {union.stack_layers()} in tier {tier}")
         for key, group in sorted(groups.items()):
             chunks = [chunk for k, chunk in plan if k == key]
-            if len(chunks) > 1:
+            if len(chunks) > 1 and ranks.is_main:
                 limit = f"memory budget {budget / 2**20:,.0f} MiB" if budget else "no memory limit"
                 cap = f", --max-parallel {config.max_parallel}" if config.max_parallel else ""
                 print(f"batch size {key[0]}, seed {key[1]}: {len(group)} networks need about {pass_bytes(group) / 2**20:,.0f} MiB "
@@ -108,14 +127,26 @@ def sweep(config: SweepConfig) -> list[dict]:
         for number, (key, chunk) in enumerate(plan, 1):
             info = {"pass": number, "passes": len(plan), "batch_size": key[0], "seed": key[1],
                     "members": [m.name for m in chunk], "memory_estimate_bytes": pass_bytes(chunk), "memory_budget_bytes": budget}
+            if ranks.distributed:
+                info["rank"] = ranks.rank
             record["passes"].append(info)
-            (out / "sweep.json").write_text(json.dumps(record, indent=1))
-            train_pass(chunk, sources, data, union, scores, device, f"pass {number}/{len(plan)}", config.quiet,
+            if ranks.is_main:
+                (out / "sweep.json").write_text(json.dumps(record, indent=1))
+            train_pass(chunk, sources, data, union, scores, device, f"pass {number}/{len(plan)}", quiet,
                        track_memory=True, last_pass=number == len(plan))
             for m in chunk:
                 finish_member(m, sources, total_params, device, tier, {"folder": str(out), **info})
             release(device)
-            write_results(out, members, sources.spec.metrics)
+            if ranks.is_main:
+                write_results(out, members, sources.spec.metrics)
+    if ranks.distributed:  # wait for every rank's members, however long they take
+        record["passes"] = [p for part in gather_patiently(record["passes"], patient) for p in part]
     record["wall_seconds"] = round(time.perf_counter() - start, 3)
-    (out / "sweep.json").write_text(json.dumps(record, indent=1))
-    return write_results(out, members, sources.spec.metrics)
+    rows = None
+    if ranks.is_main:
+        (out / "sweep.json").write_text(json.dumps(record, indent=1))
+        rows = write_results(out, members, sources.spec.metrics)
+    if ranks.distributed:
+        rows = broadcast_object(rows)
+        barrier()
+    return rows

@@ -16,14 +16,16 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from shared.backbones import gpu_has_bf16
+from shared.distributed import Ranks, all_gather_objects, all_reduce_sum
 from shared.errors import UserError
 from shared.tasks import TaskSpec
 from side_train.checkpoint import load_checkpoint, save_checkpoint
-from side_train.data import Batch, epoch_batches, iter_batches
+from side_train.data import Batch, EpochPlan, epoch_batches, iter_batches, rank_plan
 from side_train.evaluate import evaluate
 from side_train.memory import MemoryAccount, SavedTensorCounter, account, device_tensors, recompute_bytes
 from side_train.model import SideNetwork
@@ -103,6 +105,30 @@ def rng_restore(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class _Loss(torch.nn.Module):
+    """The network's training loss as a forward pass, the call DistributedDataParallel wraps."""
+
+    def __init__(self, model: SideNetwork):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.model.loss(batch)
+
+
+class _NoLog:
+    """metrics.jsonl on ranks other than 0: written nowhere."""
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class TrainState:
     """One side network in training: AdamW, LR schedule, its own RNG stream, metrics log, checkpoints.
 
@@ -110,19 +136,36 @@ class TrainState:
     run_dir/checkpoint when it exists. The global RNG is swapped to this network's stream
     around each step and checkpoint, so several states can share one process and still
     draw the dropout masks a lone run would draw.
+
+    With `ranks` of a torchrun job (data parallel), the network is wrapped in
+    DistributedDataParallel: each rank steps on its share of every global batch of
+    `batch_size x world_size` examples, each rank's mean loss weighted by its share of the
+    loss's terms so the averaged gradient is the global batch's; rank 0 alone writes the
+    metrics, checkpoints and models, and every rank resumes from rank 0's checkpoint.
     """
 
     def __init__(self, model: SideNetwork, lengths, spec: TaskSpec, cfg: TrainConfig, run_dir: Path,
-                 device: torch.device, track_memory: bool = False):
+                 device: torch.device, track_memory: bool = False, ranks: Ranks | None = None):
         self.model, self.spec, self.cfg, self.run_dir, self.device = model, spec, cfg, Path(run_dir), device
         self.lengths = lengths
+        self.ranks = ranks or Ranks()
+        self.world = self.ranks.world_size if self.ranks.distributed else 1
+        self.writes = self.ranks.is_main  # rank 0 alone writes the run folder
+        self.global_batch = cfg.batch_size * self.world
         model.to(device).set_recompute(cfg.recompute)
+        self.ddp = None
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # built before the checkpoint is loaded; it broadcasts rank 0's initial weights (all ranks seed alike)
+            self.ddp = DistributedDataParallel(_Loss(model), device_ids=[device.index] if device.type == "cuda" else None,
+                                               forward_sync_buffers=False)  # buffers are alike on every rank
         self.params = [p for p in model.parameters() if p.requires_grad]
         # fused: one kernel for all parameters (4x faster than the per-parameter loop on a CPU)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                                            fused=device.type in ("cpu", "cuda"))
         # the block-shuffled sampler's batch count can differ between epochs: count each one
-        epochs_steps = sum(len(epoch_batches(lengths, cfg.batch_size, cfg.seed, e)) for e in range(cfg.epochs))
+        epochs_steps = sum(len(epoch_batches(lengths, self.global_batch, cfg.seed, e)) for e in range(cfg.epochs))
         self.total_steps = epochs_steps if cfg.max_steps is None else min(cfg.max_steps, epochs_steps)
         self.autocast = uses_bf16(cfg.precision, device)
         self.checkpoint_dir = self.run_dir / "checkpoint"
@@ -131,13 +174,20 @@ class TrainState:
         self.resumed = (self.checkpoint_dir / "state.json").is_file()
         if self.resumed:
             self.progress = load_checkpoint(self.checkpoint_dir, model, self.optimizer)
-            kept = [line for line in self.metrics_path.read_text().splitlines() if json.loads(line)["step"] <= self.progress["step"]]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+            if self.writes:
+                kept = [line for line in self.metrics_path.read_text().splitlines()
+                        if json.loads(line)["step"] <= self.progress["step"]]
+                self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        if self.world > 1:
+            seen = all_gather_objects(self.progress["step"])
+            if len(set(seen)) > 1:
+                raise UserError(f"the ranks found different checkpoints in {self.run_dir} (steps {seen}); "
+                                "--out must be a folder every rank sees (a shared file system)")
         self.rng = rng_snapshot(device)
         self.step_count = self.progress["step"]
         self.track_memory = track_memory
         self.memory: MemoryAccount | None = None  # the largest step's account (track_memory; see side_train.memory)
-        self.log = open(self.metrics_path, "a", encoding="utf-8")
+        self.log = open(self.metrics_path, "a", encoding="utf-8") if self.writes else _NoLog()
         # on a GPU, reading a step's loss waits for the step: losses are read LOSS_READS_EVERY
         # steps at a time, so the host queues the next steps while the GPU runs (a caller that
         # times each step, like a sweep, sets this to 1)
@@ -160,8 +210,10 @@ class TrainState:
     def done(self) -> bool:
         return self.step_count >= self.total_steps
 
-    def batches(self, epoch: int) -> list:
-        return epoch_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, epoch)
+    def batches(self, epoch: int) -> EpochPlan:
+        """This rank's batches of an epoch (with one rank: the epoch's batches)."""
+        plan = epoch_batches(self.lengths, self.global_batch, self.cfg.seed, epoch)
+        return rank_plan(plan, self.ranks.rank, self.world) if self.world > 1 else plan
 
     def first_batch(self, epoch: int) -> int:
         """Where this epoch starts: past the batches a mid-epoch checkpoint already covers."""
@@ -171,8 +223,9 @@ class TrainState:
         """Whether `epoch` runs for this network (asked at the epoch's start)."""
         return self.progress["epoch"] <= epoch < self.cfg.epochs and not self.done
 
-    def step(self, batch: Batch, epoch: int, index: int, num_batches: int) -> float:
-        """One optimizer step on `batch` (already on the device); returns the last loss read from
+    def step(self, batch: Batch, epoch: int, index: int, num_batches: int, weightless: bool = False) -> float:
+        """One optimizer step on `batch` (already on the device; data parallel: this rank's share,
+        `weightless` when it holds another rank's rows only); returns the last loss read from
         the device (on a GPU up to LOSS_READS_EVERY - 1 steps old; nan before the first read)."""
         cfg = self.cfg
         lr = lr_at(self.step_count, cfg, self.total_steps)
@@ -181,24 +234,7 @@ class TrainState:
         if not self.model.training:
             self.model.train()
         with self.own_rng():
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                if self.track_memory:
-                    inputs = batch.tensors()
-                    with SavedTensorCounter(exclude=[*device_tensors(self.model), *inputs]) as counter:
-                        loss = self.model.loss(batch)
-                    step_memory = account(self.model, inputs, counter)
-                else:
-                    loss = self.model.loss(batch)
-            loss.backward()
-            # the extra forward that counts recomputation, only for a batch that may be the largest,
-            # and after backward, so its graph never sits beside the step's on the device
-            if self.track_memory and (self.memory is None
-                                      or step_memory.total_bytes > self.memory.total_bytes - self.memory.recompute_bytes):
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    step_memory.recompute_bytes = recompute_bytes(self.model, lambda: self.model.loss(batch),
-                                                                  [*device_tensors(self.model), *inputs])
-                if self.memory is None or step_memory.total_bytes > self.memory.total_bytes:
-                    self.memory = step_memory
+            loss = self._parallel_backward(batch, weightless) if self.ddp is not None else self._backward(batch)
             if cfg.clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.clip)
             self.optimizer.step()
@@ -211,8 +247,58 @@ class TrainState:
                 self.write_losses()
                 self.log.flush()
                 self.progress.update(epoch=epoch, batch=index + 1, step=self.step_count)
-                save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.progress)
+                if self.writes:
+                    save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.progress)
         return self.last_loss
+
+    def _backward(self, batch: Batch) -> torch.Tensor:
+        """The step's forward and backward in one process; returns the loss."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            if self.track_memory:
+                inputs = batch.tensors()
+                with SavedTensorCounter(exclude=[*device_tensors(self.model), *inputs]) as counter:
+                    loss = self.model.loss(batch)
+                step_memory = account(self.model, inputs, counter)
+            else:
+                loss = self.model.loss(batch)
+        loss.backward()
+        # the extra forward that counts recomputation, only for a batch that may be the largest,
+        # and after backward, so its graph never sits beside the step's on the device
+        if self.track_memory and (self.memory is None
+                                  or step_memory.total_bytes > self.memory.total_bytes - self.memory.recompute_bytes):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                step_memory.recompute_bytes = recompute_bytes(self.model, lambda: self.model.loss(batch),
+                                                              [*device_tensors(self.model), *inputs])
+            if self.memory is None or step_memory.total_bytes > self.memory.total_bytes:
+                self.memory = step_memory
+        return loss
+
+    def _parallel_backward(self, batch: Batch, weightless: bool) -> torch.Tensor:
+        """The step's forward and backward on this rank's share; returns the global batch's loss.
+
+        Each rank's loss is its family's mean over its share; scaled by world x (its terms / the
+        global batch's terms) before DistributedDataParallel averages the gradients, the average
+        is the gradient of the global batch's mean, as one process would compute it. Dropout
+        masks come from a per-rank seed drawn from the shared RNG stream, so ranks draw different
+        masks and a resumed run draws the same ones (with dropout the masks differ from a one-process
+        run's; without it the losses agree to float rounding)."""
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # from the stream every rank shares
+        shared = rng_snapshot(self.device)
+        own = int(np.random.SeedSequence([seed, self.ranks.rank]).generate_state(1, np.uint64)[0] >> 1)
+        torch.random.default_generator.manual_seed(own)
+        if self.device.type == "cuda":
+            torch.cuda.default_generators[self.device.index].manual_seed(own)  # this rank's GPU only
+        try:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss = self.ddp(batch)
+            weight = torch.zeros((), dtype=torch.float64, device=self.device) if weightless else \
+                torch.as_tensor(self.model.loss_weight(batch), dtype=torch.float64, device=self.device)
+            totals = all_reduce_sum(torch.stack([weight, weight * loss.detach().double()]))
+            terms = totals[0].clamp(min=1)  # a step with no loss terms on any rank (e.g. no response tokens) adds zero
+            (loss * (weight * self.world / terms).to(loss.dtype)).backward()
+        finally:
+            rng_restore(shared, self.device)
+        return (totals[1] / terms).float()
 
     def write_losses(self) -> None:
         """Read the pending steps' losses from the device (one wait) and log them."""
@@ -230,17 +316,18 @@ class TrainState:
         self.write_losses()
         self.progress["train_seconds"] += epoch_seconds
         results = {name: evaluate(self.model, source, self.spec, self.device, self.cfg.eval_batch_size, self.cfg.eval_mode,
-                                  self.autocast)
+                                  self.autocast, self.ranks if self.world > 1 else None)
                    for name, source in eval_sources.items()}
         record = {"type": "eval", "step": self.step_count, "epoch": epoch, "epoch_seconds": round(epoch_seconds, 3), **results}
         self.progress["history"].append(record)
         self.log.write(json.dumps(record) + "\n")
         self.log.flush()
-        if "validation" not in eval_sources or _is_best(self.progress["history"]):
+        if self.writes and ("validation" not in eval_sources or _is_best(self.progress["history"])):
             self.model.save_pretrained(self.run_dir / "best_side_model")
         self.progress.update(epoch=epoch + 1, batch=0, step=self.step_count)
-        with self.own_rng():
-            save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.progress)
+        if self.writes:
+            with self.own_rng():
+                save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.progress)
         return record
 
     def summary(self) -> dict:
@@ -274,6 +361,7 @@ def train_networks(trainees: list[Trainee], train_source, device: torch.device, 
     seed (which fix the data order). With one trainee this is a plain training run; with several,
     each step is timed alone (its loss read at once), so each network gets its own seconds."""
     timed = len(trainees) > 1
+    quiet = quiet or not trainees[0].state.writes  # data parallel: rank 0 shows the progress
     say = (lambda text: None) if quiet else tqdm.write
     for t in trainees:
         if timed:
@@ -283,8 +371,9 @@ def train_networks(trainees: list[Trainee], train_source, device: torch.device, 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     batch_size, seed = trainees[0].state.cfg.batch_size, trainees[0].state.cfg.seed
-    if any((t.state.cfg.batch_size, t.state.cfg.seed) != (batch_size, seed) for t in trainees):
-        raise ValueError("networks trained on one batch stream must share batch size and seed")
+    if any((t.state.cfg.batch_size, t.state.cfg.seed, t.state.ranks) != (batch_size, seed, trainees[0].state.ranks)
+           for t in trainees):
+        raise ValueError("networks trained on one batch stream must share batch size, seed and ranks")
     remaining = sum(t.state.total_steps - t.state.step_count for t in trainees)
     bar = tqdm(total=remaining, desc=label, unit="step", disable=quiet, dynamic_ncols=True)
     try:
@@ -293,7 +382,7 @@ def train_networks(trainees: list[Trainee], train_source, device: torch.device, 
             running = [t for t in trainees if t.state.trains_in(epoch)]
             if not running:
                 continue
-            batches = epoch_batches(train_source.lengths, batch_size, seed, epoch)
+            batches = running[0].state.batches(epoch)  # data parallel: this rank's share of each global batch
             starts = {t.name: t.state.first_batch(epoch) for t in running}
             seconds = dict.fromkeys(starts, 0.0)
             t0 = epoch_start = time.perf_counter()
@@ -309,10 +398,10 @@ def train_networks(trainees: list[Trainee], train_source, device: torch.device, 
                 read_share = (time.perf_counter() - t0) / len(stepping)  # waiting for the batch, shared
                 for t in stepping:
                     t1 = time.perf_counter()
-                    loss = t.state.step(batch.select(t.positions), epoch, index, len(batches))
+                    loss = t.state.step(batch.select(t.positions), epoch, index, len(batches), index in batches.weightless)
                     seconds[t.name] += time.perf_counter() - t1 + read_share
                     bar.update(1)
-                seen += batch.size
+                seen += batch.size * running[0].state.world
                 shown = {} if math.isnan(loss) else {"loss": f"{loss:.4f}"}  # nan: not read from the GPU yet
                 bar.set_postfix(epoch=epoch, **shown, ex_s=f"{seen / (time.perf_counter() - epoch_start):,.0f}", refresh=False)
                 t0 = time.perf_counter()

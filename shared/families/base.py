@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -81,15 +81,16 @@ class ScoreTargets:
     cut into thirds -> `<attention>.qkv` (L1 over each row of the elementwise product of the
     three importances); columns: embedding modules -> `<name>.columns`."""
 
-    rows: list[str]
-    qkv: list[tuple[str, str, str, str] | tuple[str, str, int]]
-    columns: list[str]
+    rows: list[str] = field(default_factory=list)
+    qkv: list[tuple[str, str, str, str] | tuple[str, str, int]] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
 
 
 class Backbone:
     """A frozen backbone, its tokenizer and its device. Subclasses are the families."""
 
     family: ClassVar[str] = ""
+    label_kinds: ClassVar[tuple[str, ...]] = ("class", "regression")  # the task kinds it can tokenize ("lm": instruction)
 
     def __init__(self, model: torch.nn.Module, tokenizer, name: str, revision: str | None, device: torch.device,
                  dtype: torch.dtype):
@@ -171,6 +172,11 @@ class Backbone:
 
     def score_targets(self) -> ScoreTargets:
         raise NotImplementedError
+
+    # Whether every use of the scored weights in `fisher_objective`'s loss goes through an nn.Linear or
+    # nn.Embedding that holds the weight (no functional reads, no rescaled lookups), so that
+    # backbone_cache.fisher can read exact per-example gradients from hooks, a batch at a time.
+    batched_fisher: ClassVar[bool] = True
 
     def fisher_objective(self, batches: list[TokenBatch], labels: list[torch.Tensor], spec: TaskSpec
                          ) -> Callable[[TokenBatch, torch.Tensor], torch.Tensor]:

@@ -27,10 +27,25 @@ Fisher importance differentiates the frozen model's own label-word cross-entropy
 prompt's last position over the candidates' first tokens (regression: a linear probe on the
 last token's final state, as the encoder family's probe). GGUF checkpoints are converted once
 to a safetensors folder (`convert_gguf`).
+
+Instruction tasks (`label_kind == "lm"`, `shared.tasks.load_instruct`): the `decoder` stack holds
+prompt + response as one padding-free sequence (the tokenizer's leading special tokens, the
+prompt's tokens, the response's, then the end-of-sequence token) and `labels`, the next token at
+each position where that token is a response token (-100 elsewhere), so the loss reads the
+response only. The response continues the prompt exactly as written (put any template, e.g. a
+trailing newline, in the prompt). `--max-length` keeps the end of the prompt, `--max-target-length`
+the start of the response. Candidates: one placeholder, as for regression. Fisher importance
+differentiates the frozen model's response-token cross-entropy through the full head, in chunks
+(`chunked_token_nll`).
+
+Generation (`step_states`): the live model runs with its transformers KV cache; each step's new
+positions come back as the same ladder inputs `run_blocks` gives for the whole sequence.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import shutil
 import sys
 from dataclasses import dataclass
@@ -133,8 +148,18 @@ def convert_gguf(source: Path, out: Path) -> None:
     staging.rename(out)
 
 
+@functools.cache
+def cache_argument(model_class: type) -> str:
+    """The KV cache's keyword and output field of a transformers model ("cache" in newer releases, "past_key_values" before)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 class DecoderBackbone(Backbone):
     family = "decoder"
+    label_kinds = ("class", "regression", "lm")
+    # the Fisher loss reads the (often tied) head's candidate rows functionally, and Gemma scales its
+    # lookups: the batch-1 loop scores these exactly, the hook-based batched engine would not
+    batched_fisher = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -208,13 +233,49 @@ class DecoderBackbone(Backbone):
         return ids
 
     def candidate_token_ids(self, spec: TaskSpec) -> list[list[int]]:
-        """Each label word's tokens, in label order (regression: none)."""
+        """Each label word's tokens, in label order (regression and instruction tasks: none)."""
+        if spec.label_kind == "lm":
+            return []
         template = prompt_template(spec)
         return [self.word_ids(w, template) for w in template.words]
 
     def tokenize(self, examples: list[Example], spec: TaskSpec, max_length: int, max_target_length: int):
+        if spec.label_kind == "lm":
+            pairs = [self.instruction_ids(ex.texts[0], ex.texts[1], max_length, max_target_length) for ex in examples]
+            return {"decoder": {"input_ids": [ids for ids, _ in pairs], "labels": [labels for _, labels in pairs]}}
         template = prompt_template(spec)
         return {"decoder": {"input_ids": [self.prompt_ids(ex.texts, template, max_length) for ex in examples]}}
+
+    def instruction_prompt_ids(self, prompt: str, max_length: int) -> list[int]:
+        """An instruction's ids: the leading special tokens, then the end of the prompt's tokens (at most `max_length` in all)."""
+        ids = self._encode(prompt)
+        if not ids and not self._prefix:
+            raise UserError("an instruction prompt is empty and the tokenizer adds no start token; give every row a prompt")
+        keep = max(1, max_length - len(self._prefix))
+        return self._prefix + ids[-keep:] if ids else list(self._prefix)
+
+    def instruction_ids(self, prompt: str, response: str, max_length: int, max_target_length: int
+                        ) -> tuple[list[int], list[int]]:
+        """(prompt + response ids, next-token labels: the response's tokens (and the end token) where they
+        are next, -100 elsewhere). A response cut at `max_target_length` gets no end token."""
+        head = self.instruction_prompt_ids(prompt, max_length)  # never empty
+        body = self._encode(response)
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and len(body) < max_target_length:
+            body = body + [int(eos)]
+        body = body[:max_target_length]
+        ids = head + body
+        labels = [LABEL_PAD] * (len(head) - 1) + body + [LABEL_PAD]
+        return ids, labels
+
+    def generation_prompt_ids(self, fields: list[str], spec: TaskSpec, max_length: int) -> list[int]:
+        """The ids generation continues: an instruction's prompt, or a class task's rendered template."""
+        if spec.label_kind == "lm":
+            return self.instruction_prompt_ids(fields[0], max_length)
+        ids = self.prompt_ids(fields, prompt_template(spec), max_length)
+        if not ids:
+            raise UserError("the prompt is empty and the tokenizer adds no start token; give a text to continue")
+        return ids
 
     def candidate_inputs(self, spec: TaskSpec, max_target_length: int):
         words = self.candidate_token_ids(spec)[:] or [[self._placeholder_id()]]
@@ -228,12 +289,25 @@ class DecoderBackbone(Backbone):
         return 0
 
     def candidate_labels(self, spec: TaskSpec) -> list[str]:
-        return list(prompt_template(spec).words) or [""]
+        return [""] if spec.label_kind == "lm" else list(prompt_template(spec).words) or [""]
 
     # --- states -------------------------------------------------------------------------------
 
     def run_blocks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """States [B, L, 1 + blocks, d]: the input of block 0, then every block's output (before the final norm)."""
+        return self._hooked_blocks(input_ids, attention_mask, None)[0]
+
+    @torch.inference_mode()
+    def step_states(self, input_ids: torch.Tensor, past=None) -> tuple[torch.Tensor, object]:
+        """Generation: states [B, n, 1 + blocks, d] of `input_ids`' n new positions (no padding), run with
+        the model's KV cache `past` (None: a new one; positions continue after its length); returns the cache."""
+        if past is None:
+            from transformers import DynamicCache
+
+            past = DynamicCache(config=self.config)
+        return self._hooked_blocks(input_ids, None, past)
+
+    def _hooked_blocks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past) -> tuple[torch.Tensor, object]:
         captured: list[torch.Tensor] = []
 
         def first_input(_module, args, kwargs):
@@ -247,11 +321,15 @@ class DecoderBackbone(Backbone):
         try:
             # an all-ones mask is dropped, so a batch of one runs exactly as the model alone
             mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
-            self.text_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            if past is None:
+                self.text_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            else:
+                name = cache_argument(type(self.text_model))
+                past = self.text_model(input_ids=input_ids, use_cache=True, **{name: past})[name]
         finally:
             for hook in hooks:
                 hook.remove()
-        return torch.stack(captured, dim=2)
+        return torch.stack(captured, dim=2), past
 
     @torch.inference_mode()
     def states(self, batch: TokenBatch) -> dict[str, torch.Tensor]:
@@ -342,7 +420,10 @@ class DecoderBackbone(Backbone):
 
     def fisher_objective(self, batches, labels, spec):
         """The frozen model's label-word cross-entropy at the prompt's last position over the candidates'
-        distinct first tokens, per example; regression: a linear probe on the last token's final state."""
+        distinct first tokens, per example; regression: a linear probe on the last token's final state;
+        instruction tasks: the summed response-token cross-entropy through the full head (in chunks)."""
+        if spec.label_kind == "lm":
+            return self.response_losses
         if spec.label_kind == "regression":
             with torch.no_grad():
                 features = torch.cat([self.final_state(b["decoder"]["input_ids"], b["decoder"]["attention_mask"]).float()
@@ -367,7 +448,103 @@ class DecoderBackbone(Backbone):
         return losses
 
 
+    def stop_token_ids(self) -> list[int]:
+        """The ids that end a generation: the tokenizer's end token and the model's generation config's."""
+        ids = [self.tokenizer.eos_token_id]
+        config = getattr(self.model, "generation_config", None)
+        eos = getattr(config, "eos_token_id", None)
+        ids += eos if isinstance(eos, list) else [eos]
+        return sorted({int(i) for i in ids if i is not None})
+
+    def final_normed_weight(self) -> torch.Tensor:
+        """The final norm's weight [d] (the side network's `--merge-final` applies it to the last block's output)."""
+        return self.text_model.norm.weight
+
+    def response_losses(self, batch: TokenBatch, example_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Each sequence's summed next-token cross-entropy over its labelled (response) positions [B],
+        through the full head a chunk of tokens at a time (with gradients where enabled)."""
+        stack = batch["decoder"]
+        mask = stack.get("attention_mask")
+        mask = None if mask is None or bool(mask.all()) else mask
+        hidden = self.text_model(input_ids=stack["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
+        targets = stack["labels"].to(hidden.device)
+        keep = targets != LABEL_PAD
+        nll = chunked_token_nll(hidden[keep], self.lm_head()[0], targets[keep], softcap=self.final_logit_softcap())
+        rows = torch.arange(len(targets), device=hidden.device)[:, None].expand_as(targets)[keep]
+        return torch.zeros(len(targets), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+
+
 def first_token_classes(words: list[list[int]]) -> tuple[list[int], list[int]]:
     """(the distinct first tokens of the label words, in order of first use; each word's index among them)."""
     firsts = list(dict.fromkeys(w[0] for w in words))
     return firsts, [firsts.index(w[0]) for w in words]
+
+
+# --- the full-vocabulary head in chunks ----------------------------------------------------------
+
+HEAD_CHUNK_BYTES = 64 << 20  # float32 logits held at once by `chunked_token_nll`
+
+
+def head_chunk_tokens(vocab_size: int, budget: int = HEAD_CHUNK_BYTES) -> int:
+    """Tokens per chunk so that a chunk's float32 logits [tokens, V] take about `budget` bytes."""
+    return max(1, budget // (4 * max(1, vocab_size)))
+
+
+class _ChunkedTokenNLL(torch.autograd.Function):
+    """-log softmax(h W^T)[target] per token, a chunk of tokens at a time in forward and in backward
+    (the logits of a chunk are recomputed there, never kept): memory [chunk, V], not [tokens, V]."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, softcap):
+        n = hidden.shape[0]
+        nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for a in range(0, n, chunk):
+                logits = _chunk_logits(hidden[a : a + chunk], weight, softcap)[0]
+                lse[a : a + chunk] = torch.logsumexp(logits, -1)
+                nll[a : a + chunk] = lse[a : a + chunk] - logits.gather(-1, targets[a : a + chunk, None]).squeeze(-1)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk, ctx.softcap = chunk, softcap
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        chunk, softcap = ctx.chunk, ctx.softcap
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for a in range(0, hidden.shape[0], chunk):
+                h = hidden[a : a + chunk]
+                logits, squash = _chunk_logits(h, weight, softcap)
+                g = torch.exp(logits - lse[a : a + chunk, None])  # softmax
+                g.scatter_add_(-1, targets[a : a + chunk, None], torch.full_like(g[:, :1], -1.0))
+                g.mul_(grad[a : a + chunk, None].float())
+                if squash is not None:  # d/dx c tanh(x / c) = 1 - tanh^2
+                    g.mul_(1.0 - squash.square())
+                if grad_hidden is not None:
+                    grad_hidden[a : a + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight += g.t() @ h.float()
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float32 logits of one chunk (softcapped where the model caps them) and tanh of the cap, or None."""
+    logits = (h.to(weight.dtype) @ weight.t()).float()
+    if not softcap:
+        return logits, None
+    squash = torch.tanh(logits / softcap)
+    return squash * softcap, squash
+
+
+def chunked_token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None,
+                      softcap: float | None = None) -> torch.Tensor:
+    """Per-token cross-entropy [N] (float32) of states `hidden` [N, d] through the head `weight` [V, d]
+    (logits softcapped where `softcap`), `chunk` tokens at a time (default: `head_chunk_tokens(V)`),
+    in forward and backward, so the [N, V] logits never exist at once. Differentiable in hidden and weight."""
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32) + 0.0 * hidden.sum()
+    chunk = chunk or head_chunk_tokens(weight.shape[0])
+    return _ChunkedTokenNLL.apply(hidden, weight, targets.long(), int(chunk), softcap)

@@ -21,7 +21,20 @@ Heads (`DecoderSideConfig.head`):
   the candidates' tokens (the `candidates` stack, only read when some word has 2+ tokens).
   Words that share their first token are told apart only at evaluation.
 - "last" (regression, or `pooling="last"`): a linear head on the up-projected state of the last
-  real token. QST's gated merge of the backbone's final state is not implemented.
+  real token.
+- "lm" (instruction tasks): next-token cross-entropy on the response tokens through the whole
+  frozen head, a chunk of tokens at a time in forward and backward
+  (`shared.families.decoder.chunked_token_nll`), only at the response positions.
+
+`--merge-final` (QST's output, Zhang et al. 2024): before the head, the up-projected side state
+is mixed with the backbone's own final state, its last block's output through its frozen final
+norm: h = (1 - σ(z)) · up(s) + σ(z) · norm(h_L), z per channel [D], starting at 1.0 as QST's.
+It needs the last backbone block among the side layers (its output is that ladder's input).
+
+Generation (`generate_ids`): the live backbone runs with its KV cache (`DecoderBackbone.step_states`)
+and the side decoder with its own (`SideKVCache`: per block the rotated keys and the values, new
+positions rotated from the cache's length, sliding layers keeping only their window), greedy or
+sampled (`GenerationConfig`); logits over the whole vocabulary at the last position only.
 
 Pruned init (`init_from_backbone`), chained through every backbone block like T5's: the kept
 residual dims K start from the embedding columns; per block, whole KV groups are kept by the
@@ -37,16 +50,27 @@ import math
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from shared.errors import UserError
 from shared.families import Backbone
-from shared.families.decoder import first_token_classes, is_llama_style
+from shared.families.decoder import chunked_token_nll, first_token_classes, is_llama_style
 from shared.tasks import TaskSpec
-from side_train.kernels import Dropout, attention_with_dropout, compute_dtype
-from side_train.model import LadderStack, RMSNorm, SideConfig, SideNetwork, SideOptions, backbone_record, side_layers
+from shared.tokens import LABEL_PAD
+from side_train.kernels import Dropout, attention_with_dropout, compute_dtype, ladder_projection
+from side_train.model import (
+    GenerationConfig,
+    LadderStack,
+    RMSNorm,
+    SideConfig,
+    SideNetwork,
+    SideOptions,
+    backbone_record,
+    side_layers,
+)
 from side_train.prune import copy_slice, top_rows
 
 
@@ -82,7 +106,9 @@ class DecoderSideConfig(SideConfig):
     layer_rope: list[str] = field(default_factory=list)  # per backbone layer: key into rope_inv_freq
     rope_inv_freq: dict[str, list[float]] = field(default_factory=dict)  # the backbone's frequencies, head_dim / 2 each
     rope_scaling: dict[str, float] = field(default_factory=dict)  # cos/sin factor per rope kind (1.0 but for YaRN and kin)
-    head: str = "words"  # "words": label words through the LM head; "last": a head on the last real token
+    head: str = "words"  # "words": label words through the LM head; "last": a head on the last real token; "lm": all tokens
+    merge_final: bool = False  # QST's gated mix of the backbone's final normed state before the head
+    final_norm_weight: list[float] = field(default_factory=list)  # merge_final: the backbone's final norm (frozen)
     candidate_tokens: list[list[int]] = field(default_factory=list)  # each label word's token ids
     candidate_values: list[float] = field(default_factory=list)
     vocab_size: int = 0
@@ -130,8 +156,8 @@ class DecoderSideConfig(SideConfig):
         if self.backbone_head_dim % head_reduction or self.head_dim % 2:
             raise UserError(f"--reduction {self.reduction} leaves head dim {self.backbone_head_dim}/{head_reduction}, "
                             "which must be a whole, even number; pick another reduction")
-        if self.head not in ("words", "last"):
-            raise UserError(f"unknown decoder head {self.head!r}; use words or last")
+        if self.head not in ("words", "last", "lm"):
+            raise UserError(f"unknown decoder head {self.head!r}; use words, last or lm")
         if self.head == "words" and not self.candidate_tokens:
             raise UserError("label-word scoring needs label words; this task has none (regression uses the last-token head)")
         layers = self.decoder_layers
@@ -139,6 +165,11 @@ class DecoderSideConfig(SideConfig):
             raise UserError("the side decoder has no layers; give --side-layers or a smaller --drop-layers")
         if min(layers) < 0 or max(layers) >= self.num_backbone_layers or sorted(set(layers)) != list(layers):
             raise UserError(f"side layers {layers} must be increasing block indices in 0..{self.num_backbone_layers - 1}")
+        if self.merge_final and layers[-1] != self.num_backbone_layers - 1:
+            raise UserError(f"--merge-final mixes in the last backbone block's output, so block {self.num_backbone_layers - 1} "
+                            "must feed a side block; add it to --side-layers")
+        if self.merge_final and len(self.final_norm_weight) != self.backbone_d:
+            raise UserError("--merge-final needs the backbone's final norm weights; build the config with config_for")
 
 
 def make_norm(cfg: DecoderSideConfig, width: int) -> RMSNorm:
@@ -190,21 +221,48 @@ class DecoderAttention(nn.Module):
         step = cfg.backbone_head_dim // hd
         self.register_buffer("rope_pairs", torch.arange(0, cfg.backbone_head_dim // 2, step, dtype=torch.long)[: hd // 2])
 
-    def rotary(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = torch.arange(n, device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)[self.rope_pairs][None]
+    def rotary(self, n: int, device: torch.device, dtype: torch.dtype, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [n, head_dim] of positions start .. start + n - 1."""
+        positions = torch.arange(start, start + n, device=device, dtype=torch.float32)
+        freqs = positions[:, None] * self.inv_freq.to(device)[self.rope_pairs][None]
         emb = torch.cat([freqs, freqs], dim=-1)
         return (emb.cos() * self.rope_factor).to(dtype), (emb.sin() * self.rope_factor).to(dtype)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x [B, L, d]; mask additive [B, 1, L, L] (causal, key padding and this layer's window)."""
+    def project(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, n, hd], and k, v [B, KV, n, hd] of x [B, n, d] at positions start.., rotated."""
         b, n, _ = x.shape
         q = self.q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.rotary(n, x.device, q.dtype)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        cos, sin = self.rotary(n, x.device, q.dtype, start)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B, L, d]; mask additive [B, 1, L, L] (causal, key padding and this layer's window)."""
+        q, k, v = self.project(x)
+        return self.attend(q, k, v, mask)
+
+    def step(self, x: torch.Tensor, cache: LayerKV, start: int) -> torch.Tensor:
+        """Generation: x [B, n, d] at positions start.. (no padding) against the cached keys and values
+        and their own; the cache gains them (a sliding layer keeps only the keys its window still reaches)."""
+        q, k, v = self.project(x, start)
+        n = x.shape[1]
+        cache.append(k, v, torch.arange(start, start + n, device=x.device))
+        query = torch.arange(start, start + n, device=x.device)[:, None]
+        keep = cache.positions[None, :] <= query
+        if self.window:
+            keep = keep & (query - cache.positions[None, :] < self.window)
+        mask = torch.zeros(keep.shape, device=x.device).masked_fill(~keep, torch.finfo(torch.float32).min)[None, None]
+        out = self.attend(q, cache.k, cache.v, mask)
+        if self.window:
+            cache.keep_last(self.window - 1)
+        return out
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention of rotated q [B, H, n, hd] over k, v [B, KV, m, hd] with the additive mask [B, 1, n, m]."""
+        b, _, n, _ = q.shape
         if self.heads != self.kv_heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
@@ -242,7 +300,14 @@ class DecoderSideBlock(nn.Module):
     def forward(self, s: torch.Tensor, full_mask: torch.Tensor, sliding_mask: torch.Tensor | None = None,
                 context: torch.Tensor | None = None) -> torch.Tensor:
         """s [B, L, d]; the additive causal masks without and with the sliding window (`context`: unused)."""
-        h = self.attn(self.input_norm(s), sliding_mask if self.attn.window else full_mask)
+        return self.feed_forward(s, self.attn(self.input_norm(s), sliding_mask if self.attn.window else full_mask))
+
+    def step(self, s: torch.Tensor, cache: LayerKV, start: int) -> torch.Tensor:
+        """Generation: the block on new positions start.. with its attention's KV cache."""
+        return self.feed_forward(s, self.attn.step(self.input_norm(s), cache, start))
+
+    def feed_forward(self, s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The rest of the block after attention's output h."""
         s = s + self.drop(self.post_attn_norm(h) if self.sandwich else h)
         h = self.pre_ff_norm(s)
         h = self.down(self.drop(self.act(self.gate(h)) * self.up(h)))
@@ -276,12 +341,55 @@ class DecoderLadderStack(LadderStack):
         full = causal_mask(mask)
         return full, causal_mask(mask, self.window) if self.window else full
 
+    def step(self, states: torch.Tensor, cache: SideKVCache) -> torch.Tensor:
+        """Generation: side states [B, n, d] of the n new positions' ladder inputs [B, n, 1 + layers, D]
+        (no padding), continuing the sequence `cache` holds; as `forward` on the whole sequence, at those positions."""
+        start = cache.length
+        if not cache.layers:
+            cache.layers = [LayerKV() for _ in self.blocks]
+        s = ladder_projection(self.down_emb, states[:, :, 0], self.drop)
+        for j, block in enumerate(self.blocks):
+            mu = torch.sigmoid(self.gate_alpha[j] / self.cfg.gate_temperature)
+            s = mu * s + (1 - mu) * ladder_projection(self.ladders[j], states[:, :, j + 1])
+            s = block.step(s, cache.layers[j], start)
+        cache.length += states.shape[1]
+        return self.drop(self.final_norm(s))
+
+
+class LayerKV:
+    """One side block's cached attention keys (rotated) and values [B, KV, m, hd], and their positions [m]."""
+
+    def __init__(self):
+        self.k = self.v = self.positions = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        if self.k is None:
+            self.k, self.v, self.positions = k, v, positions
+        else:
+            self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
+            self.positions = torch.cat([self.positions, positions])
+
+    def keep_last(self, m: int) -> None:
+        """Drop all but the last m positions (a sliding window's next queries reach no further back)."""
+        drop = self.positions.shape[0] - m
+        if drop > 0:
+            self.k, self.v, self.positions = self.k[:, :, drop:], self.v[:, :, drop:], self.positions[drop:]
+
+
+@dataclass
+class SideKVCache:
+    """The side decoder's generation cache: per block its `LayerKV`, and the positions seen so far."""
+
+    length: int = 0
+    layers: list[LayerKV] = field(default_factory=list)
+
 
 class DecoderSideNetwork(SideNetwork):
     config_class = DecoderSideConfig
     needs_lm_head = True
     train_stacks = ("decoder",)
     eval_stacks = ("decoder", "candidates")
+    can_generate = True  # label words, greedy-generated with the live backbone (--eval generate)
 
     def __init__(self, cfg: DecoderSideConfig, lm_head: torch.Tensor):
         super().__init__(cfg)
@@ -290,9 +398,14 @@ class DecoderSideNetwork(SideNetwork):
         if lm_head is None:
             raise ValueError("a decoder side network needs the backbone's LM head")
         vocabulary = cfg.vocabulary
-        # only the candidates' rows of the frozen head [V_c, D]: the whole vocabulary is never multiplied
-        rows = lm_head[torch.tensor(vocabulary, dtype=torch.long)] if vocabulary else lm_head[:0]
+        if cfg.head == "lm":  # the whole frozen head, multiplied a chunk of tokens at a time
+            rows = lm_head
+        else:  # only the candidates' rows of the frozen head [V_c, D]: the whole vocabulary is never multiplied
+            rows = lm_head[torch.tensor(vocabulary, dtype=torch.long)] if vocabulary else lm_head[:0]
         self.register_buffer("lm_head", rows.detach().float().clone(), persistent=False)
+        if cfg.merge_final:
+            self.merge_gate = nn.Parameter(torch.full((cfg.backbone_d,), 1.0))  # σ(z): the backbone's share, per channel
+            self.register_buffer("final_norm_weight", torch.tensor(cfg.final_norm_weight, dtype=torch.float32), persistent=False)
         self.firsts, self.first_class = first_token_classes(cfg.candidate_tokens) if cfg.candidate_tokens else ([], [])
         position = {t: i for i, t in enumerate(vocabulary)}
         self.register_buffer("first_rows", torch.tensor([position[t] for t in self.firsts], dtype=torch.long), persistent=False)
@@ -311,7 +424,13 @@ class DecoderSideNetwork(SideNetwork):
             raise UserError(f"the decoder side network builds Llama-style blocks; {c.model_type!r} has another layout")
         if options.pooling == "cls":
             raise UserError("a causal LM has no [CLS] token; use --pooling last (a head on the last token) or the label words")
-        head = "last" if spec.label_kind == "regression" or options.pooling == "last" else "words"
+        if spec.label_kind == "lm":
+            if options.pooling == "last":
+                raise UserError("--pooling last picks a classification head; an instruction task trains the LM head "
+                                "on every response token: drop --pooling")
+            head = "lm"
+        else:
+            head = "last" if spec.label_kind == "regression" or options.pooling == "last" else "words"
         words = backbone.candidate_token_ids(spec) if spec.label_kind == "class" else []
         if head == "words":
             firsts = [w[0] for w in words]
@@ -335,7 +454,9 @@ class DecoderSideNetwork(SideNetwork):
             rope_scaling=factors, head=head, candidate_tokens=words if head == "words" else [],
             candidate_values=[float(i) for i in range(len(words))] if head == "words" else [],
             num_labels=spec.num_labels, label_kind=spec.label_kind, vocab_size=int(c.vocab_size),
-            text_model=backbone.text_model_name,
+            text_model=backbone.text_model_name, merge_final=bool(getattr(options, "merge_final", False)),
+            final_norm_weight=[float(w) for w in backbone.final_normed_weight().detach().float().cpu()]
+            if getattr(options, "merge_final", False) else [],
             decoder_layers=side_layers(int(c.num_hidden_layers), options.drop_layers, options.side_layers),
             backbone=backbone_record(backbone),
         )
@@ -352,9 +473,24 @@ class DecoderSideNetwork(SideNetwork):
 
     # --- forward passes -------------------------------------------------------------------
 
-    def token_logits(self, s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Frozen-head logits [..., len(rows)] of side states s [..., d] for the kept head rows `rows`."""
+    def output(self, s: torch.Tensor, backbone_last: torch.Tensor | None = None) -> torch.Tensor:
+        """What enters the head [..., D]: up(s), or with --merge-final (1 - σ(z)) up(s) + σ(z) norm(h_L), where
+        `backbone_last` [..., D] is the last backbone block's output at the same positions."""
         hidden = self.upsample(s)
+        if not self.cfg.merge_final:
+            return hidden
+        if backbone_last is None:
+            raise ValueError("--merge-final needs the backbone's last block output")
+        x = backbone_last.float()
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)
+        normed = normed * ((1.0 + self.final_norm_weight) if self.cfg.norm_offset else self.final_norm_weight)
+        gate = torch.sigmoid(self.merge_gate)
+        return ((1 - gate) * hidden + gate * normed).to(hidden.dtype)
+
+    def token_logits(self, s: torch.Tensor, rows: torch.Tensor, backbone_last: torch.Tensor | None = None) -> torch.Tensor:
+        """Frozen-head logits [..., len(rows)] of side states s [..., d] for the kept head rows `rows`
+        (`backbone_last`: the last backbone block's output there, for --merge-final)."""
+        hidden = self.output(s, backbone_last)
         logits = hidden @ self.lm_head[rows].to(hidden.dtype).t()
         cap = self.cfg.final_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
@@ -366,24 +502,61 @@ class DecoderSideNetwork(SideNetwork):
 
     def prompt_last(self, batch) -> torch.Tensor:
         """The side state of each prompt's last real token [B, d]."""
+        return self.prompt_last_pair(batch)[0]
+
+    def prompt_last_pair(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the side state [B, d], the last backbone block's output [B, D]) at each prompt's last real token."""
         mask = batch.masks["decoder"]
-        s = self.decoder(batch.states["decoder"], mask)
-        return s[torch.arange(len(s), device=s.device), self.last_positions(mask).to(s.device)]
+        states = batch.states["decoder"]
+        s = self.decoder(states, mask)
+        rows, last = torch.arange(len(s), device=s.device), self.last_positions(mask).to(s.device)
+        return s[rows, last], states[rows.to(states.device), last.to(states.device), -1].to(s.device)
 
     def head_logits(self, batch) -> torch.Tensor:
         """The last-token head's logits [B, num_labels] (float32)."""
-        last = self.upsample(self.prompt_last(batch))
+        last = self.output(*self.prompt_last_pair(batch))
         return self.head(self.head_drop(last)).float()
 
+    def response_nll(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Instruction tasks: each labelled (response) position's next-token cross-entropy [N] through the
+        whole frozen head in chunks, and the example each belongs to [N]."""
+        states, mask = batch.states["decoder"], batch.masks["decoder"]
+        s = self.decoder(states, mask)
+        targets = batch.targets["decoder"].to(s.device)
+        keep = targets != LABEL_PAD
+        last = states[:, :, -1][keep.to(states.device)].to(s.device) if self.cfg.merge_final else None
+        hidden = self.output(s[keep], last)
+        nll = chunked_token_nll(hidden, self.lm_head, targets[keep], softcap=self.cfg.final_softcap)
+        rows = torch.arange(len(targets), device=s.device)[:, None].expand_as(targets)[keep]
+        return nll, rows
+
+    @torch.no_grad()
+    def token_losses(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Instruction tasks: per example the summed response-token cross-entropy and the response tokens [B] (float64)."""
+        nll, rows = self.response_nll(batch)
+        total = torch.zeros(batch.size, dtype=torch.float64, device=nll.device).index_add(0, rows, nll.double())
+        count = torch.zeros(batch.size, dtype=torch.float64, device=nll.device).index_add(0, rows, torch.ones_like(nll, dtype=torch.float64))
+        return total.cpu(), count.cpu()
+
     def loss(self, batch) -> torch.Tensor:
+        if self.cfg.head == "lm":
+            nll, _ = self.response_nll(batch)
+            return nll.sum() / max(1, nll.numel())  # a batch without response tokens: 0, no gradient
         if self.cfg.head == "last":
             logits = self.head_logits(batch)
             if self.cfg.label_kind == "regression":
                 return F.mse_loss(logits.squeeze(-1), batch.labels.float())
             return F.cross_entropy(logits, batch.labels.long())
-        logits = self.token_logits(self.prompt_last(batch), self.first_rows).float()
+        s_last, h_last = self.prompt_last_pair(batch)
+        logits = self.token_logits(s_last, self.first_rows, h_last).float()
         target = self.first_class_of[batch.labels.long().to(logits.device)]
         return F.cross_entropy(logits, target)
+
+    def loss_weight(self, batch) -> torch.Tensor | int:
+        """The terms `loss` averages: instruction tasks' response tokens, else the examples."""
+        if self.cfg.head == "lm":
+            return (batch.targets["decoder"] != LABEL_PAD).sum()
+        return batch.size
 
     @torch.no_grad()
     def score_candidates(self, batch) -> torch.Tensor:
@@ -391,7 +564,8 @@ class DecoderSideNetwork(SideNetwork):
         last position, each later token over all the candidates' tokens, teacher-forced after the prompt."""
         words = self.cfg.candidate_tokens
         k = len(words)
-        first_logp = self.token_logits(self.prompt_last(batch), self.first_rows).float().log_softmax(-1)  # [B, F]
+        s_last, h_last = self.prompt_last_pair(batch)
+        first_logp = self.token_logits(s_last, self.first_rows, h_last).float().log_softmax(-1)  # [B, F]
         scores = first_logp[:, self.first_class_of]  # [B, K]
         if max(len(w) for w in words) == 1:
             return scores
@@ -402,19 +576,125 @@ class DecoderSideNetwork(SideNetwork):
         targets = batch.targets["candidates"].to(s.device)  # [B K, M]: the next token of the word at each of its positions
         width = targets.shape[1]
         index = (starts.to(s.device)[:, None] + torch.arange(width, device=s.device)[None]).clamp(max=s.shape[1] - 1)
-        at = s[torch.arange(len(s), device=s.device)[:, None], index]  # [B K, M, d]
-        logp = self.token_logits(at, torch.arange(len(self.vocab_ids), device=s.device)).float().log_softmax(-1)
+        pick = torch.arange(len(s), device=s.device)[:, None], index
+        at = s[pick]  # [B K, M, d]
+        h_at = states[pick[0].to(states.device), pick[1].to(states.device), -1].to(s.device) if self.cfg.merge_final else None
+        logp = self.token_logits(at, torch.arange(len(self.vocab_ids), device=s.device), h_at).float().log_softmax(-1)
         vocab_index = vocabulary_index(self.vocab_ids, targets.clamp(min=0))
         token = logp.gather(-1, vocab_index.unsqueeze(-1)).squeeze(-1) * (targets >= 0)
         return scores + token.sum(-1).view(-1, k).to(scores.device)
 
     @torch.no_grad()
     def predict(self, batch) -> torch.Tensor:
+        """Label values; instruction tasks: each example's mean response-token cross-entropy (NaN without any)."""
+        if self.cfg.head == "lm":
+            total, count = self.token_losses(batch)
+            return torch.where(count > 0, total / count.clamp(min=1), torch.nan)
         if self.cfg.head == "last":
             logits = self.head_logits(batch)
             return (logits.squeeze(-1) if self.cfg.label_kind == "regression" else logits.argmax(-1)).double().cpu()
         best = self.score_candidates(batch).argmax(-1).cpu()
         return torch.tensor(self.cfg.candidate_values, dtype=torch.float64)[best]
+
+    # --- generation -----------------------------------------------------------------------
+
+    def full_head(self, backbone: Backbone) -> torch.Tensor:
+        """The whole frozen head [V, D] (float32) generation multiplies at the last position."""
+        if self.cfg.head == "lm":
+            return self.lm_head
+        return backbone.lm_head()[0].detach().float().to(self.lm_head.device)
+
+    def vocabulary_logits(self, s_last: torch.Tensor, h_last: torch.Tensor | None, head: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary [B, V] (float32) of side states [B, d] (with the config's softcap)."""
+        hidden = self.output(s_last, h_last).float()
+        logits = hidden @ head.t()
+        cap = self.cfg.final_softcap
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def ladder_inputs(self, states: torch.Tensor) -> torch.Tensor:
+        """The side decoder's states [B, n, 1 + layers, D] of a backbone's [B, n, 1 + blocks, D], rounded to
+        bfloat16 as the cache stores them, on this network's device."""
+        positions = [0] + [i + 1 for i in self.cfg.decoder_layers]
+        return states[:, :, positions].to(torch.bfloat16).to(self.lm_head.device)
+
+    @torch.no_grad()
+    def generate_ids(self, backbone: Backbone, prompt: list[int], settings: GenerationConfig, use_cache: bool = True,
+                     keep_logits: bool = False, head: torch.Tensor | None = None) -> tuple[list[int], list[torch.Tensor]]:
+        """Continue one prompt's ids: (the new ids, stopping after an end token, and with `keep_logits` each
+        step's logits [V]). `use_cache`: the backbone and the side decoder each keep their KV cache and run
+        only the new token per step; without it every step recomputes the whole sequence (the reference).
+        `head`: `full_head(backbone)`, built once by callers that generate for many prompts."""
+        if self.cfg.head == "last":
+            raise UserError("this side network was trained with a last-token head: it has no language-model output "
+                            "to generate from; generate with a label-word or instruction-tuned run")
+        if not prompt:
+            raise UserError("the prompt is empty and the tokenizer adds no start token; give a text to continue")
+        settings.check()
+        self.eval()
+        head = self.full_head(backbone) if head is None else head
+        stops = set(backbone.stop_token_ids())
+        generator = torch.Generator().manual_seed(settings.seed)
+        ids = list(prompt)
+        new: list[int] = []
+        logits_seen: list[torch.Tensor] = []
+        past, side_cache = None, SideKVCache()
+        step_ids = torch.tensor([ids], device=backbone.device)
+        for _ in range(settings.max_new_tokens):
+            if use_cache:
+                full, past = backbone.step_states(step_ids, past)
+                states = self.ladder_inputs(full)
+                s = self.decoder.step(states, side_cache)[:, -1]
+            else:
+                sequence = torch.tensor([ids], device=backbone.device)
+                with torch.inference_mode():
+                    full = backbone.run_blocks(sequence, None)
+                states = self.ladder_inputs(full)
+                s = self.decoder(states, torch.ones(states.shape[:2], dtype=torch.bool, device=states.device))[:, -1]
+            logits = self.vocabulary_logits(s, states[:, -1, -1] if self.cfg.merge_final else None, head)[0]
+            if keep_logits:
+                logits_seen.append(logits.cpu())
+            token = next_token(logits, settings, generator)
+            if token in stops:
+                break
+            new.append(token)
+            ids.append(token)
+            step_ids = torch.tensor([[token]], device=backbone.device)
+        return new, logits_seen
+
+    @torch.no_grad()
+    def generate_values(self, source, rows, device: torch.device, spec: TaskSpec) -> np.ndarray:
+        """--eval generate: greedy continuations of the prompts (as many tokens as the longest label word),
+        each the label whose word's tokens it starts with (the longest such word), else -1 (counted wrong)."""
+        backbone = getattr(source, "backbone", None)
+        if backbone is None or backbone.model is None or getattr(source, "plan", None) is None:
+            raise UserError("--eval generate needs the live backbone (add --live)")
+        if self.cfg.head != "words":
+            raise UserError(f"--eval generate reads label words; this side network has a {self.cfg.head!r} head: "
+                            "drop --eval generate")
+        words = self.cfg.candidate_tokens
+        settings = GenerationConfig(max_new_tokens=max(len(w) for w in words))
+        by_length = sorted(range(len(words)), key=lambda i: -len(words[i]))
+        values = []
+        head = self.full_head(backbone)
+        for row in rows:
+            new, _ = self.generate_ids(backbone, source.plan.inputs["decoder"]["input_ids"][int(row)], settings, head=head)
+            match = next((i for i in by_length if new[: len(words[i])] == words[i]), None)
+            values.append(-1.0 if match is None else self.cfg.candidate_values[match])
+        return np.array(values, dtype=np.float64)
+
+    def generate_texts(self, backbone: Backbone, inputs: list[list[str]], spec: TaskSpec, max_length: int,
+                       settings: GenerationConfig) -> list[str]:
+        """Generated continuations of raw inputs (instruction tasks: one prompt each; else the task's text
+        fields, rendered with its prompt template), one prompt at a time."""
+        from tqdm import tqdm
+
+        out = []
+        head = self.full_head(backbone)  # one float32 copy of the whole head for every prompt
+        for fields in tqdm(inputs, desc="generate", unit="prompt", disable=len(inputs) < 4):
+            prompt = backbone.generation_prompt_ids(fields, spec, max_length)
+            new, _ = self.generate_ids(backbone, prompt, settings, head=head)
+            out.append(backbone.tokenizer.decode(new, skip_special_tokens=True))
+        return out
 
     # --- pruned init ----------------------------------------------------------------------
 
@@ -475,6 +755,25 @@ class DecoderSideNetwork(SideNetwork):
         return kept
 
 
+def next_token(logits: torch.Tensor, settings: GenerationConfig, generator: torch.Generator) -> int:
+    """The next token of logits [V]: the argmax at temperature 0, else a draw from softmax(logits / T)
+    restricted to the top k and to the smallest set whose probability reaches top_p (drawn on the CPU)."""
+    if settings.temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float().cpu() / settings.temperature
+    if settings.top_k and settings.top_k < logits.shape[0]:
+        threshold = torch.topk(logits, settings.top_k).values[-1]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    probs = logits.softmax(-1)
+    if settings.top_p < 1.0:
+        order = probs.argsort(descending=True)
+        sorted_probs = probs[order]
+        outside = sorted_probs.cumsum(0) - sorted_probs >= settings.top_p  # the first token is always kept
+        probs = probs.clone()
+        probs[order[outside]] = 0.0
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
 def select_heads(cfg: DecoderSideConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kept KV groups, q/k head dims as whole rotary pairs: first halves then second halves, v head dims),
@@ -531,6 +830,9 @@ def join_candidates(prompt: torch.Tensor, prompt_mask: torch.Tensor, cand: torch
 
 def norm_has_offset(norm: nn.Module) -> bool:
     """Whether an RMSNorm scales by (1 + w) (Gemma) rather than w, by running it on a probe vector."""
+    if norm.weight.is_meta:  # a meta-device model: a fresh norm of its class, as initialised, answers the same
+        with torch.device("cpu"):
+            norm = type(norm)(norm.weight.shape[0], getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
     with torch.no_grad():
         x = torch.linspace(-1.0, 1.0, norm.weight.shape[0], dtype=torch.float32, device=norm.weight.device)[None]
         x = x.to(norm.weight.dtype)
@@ -545,6 +847,9 @@ def backbone_rope_and_windows(backbone: Backbone) -> tuple[list[int | None], lis
     """Per backbone layer its sliding window and rope kind, and each kind's frequencies and cos/sin factor,
     read from the loaded model (Gemma 3: per layer type; Mistral: one window for every layer)."""
     c, rotary = backbone.config, backbone.text_model.rotary_emb
+    if any(t.is_meta for t in rotary.buffers()):  # a meta-device model (shape studies): the same frequencies, computed here
+        with torch.device("cpu"):
+            rotary = type(rotary)(config=c)
     windows, kinds, inv_freq, factors = [], [], {}, {}
     for layer in backbone.layers:
         attn = layer.self_attn
@@ -565,3 +870,166 @@ def backbone_rope_and_windows(backbone: Backbone) -> tuple[list[int | None], lis
             inv_freq[kind] = [float(f) for f in freq.detach().double().cpu()]
             factors[kind] = float(factor if factor is not None else 1.0)
     return windows, kinds, inv_freq, factors
+
+
+# --- baselines for side_train.compare ----------------------------------------------------------
+# (imports here, not at the top, so that this section stays one appended block)
+
+from shared.families.decoder import find_text_model  # noqa: E402
+from side_train.baselines import BaselineModule, FamilyBaselines, TokenInputs, train_biases  # noqa: E402
+
+
+def is_rms_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("RMSNorm")
+
+
+class DecoderTuned(BaselineModule):
+    """A (possibly modified or peft-wrapped) causal LM with the LST side network's task head:
+
+    - "words": the label words scored through the LM head's candidate rows only, exactly as the
+      side network scores them (training: cross-entropy over the words' distinct first tokens at
+      the prompt's last position; evaluation: each word's log-probability, later tokens over all
+      the candidates' tokens, teacher-forced after the prompt);
+    - "last": a linear head on the last real token's final (normed) state.
+
+    The states come from the backbone's text model (LoRA or adapters inside it, where added);
+    prompt tuning's soft tokens (`prompt_tokens`, peft's `get_prompt`) are prepended to its input
+    embeddings as peft does, and their positions dropped from the output."""
+
+    def __init__(self, model: nn.Module, backbone: Backbone, spec: TaskSpec, head: str, prompt_tokens: int = 0,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.model = model  # registered: every tensor the method keeps
+        self.parts = (backbone.text_model, backbone.model.get_output_embeddings())  # not registered again
+        self.kind, self.label_kind, self.prompt_tokens = head, spec.label_kind, prompt_tokens
+        self.softcap = backbone.final_logit_softcap()
+        self.words = backbone.candidate_token_ids(spec) if head == "words" else []
+        if head == "words" and not self.words:
+            raise UserError("label-word scoring needs label words; this task has none (use --pooling last)")
+        firsts, first_class = first_token_classes(self.words) if self.words else ([], [])
+        vocabulary = list(dict.fromkeys(t for word in self.words for t in word))
+        self.register_buffer("first_ids", torch.tensor(firsts, dtype=torch.long), persistent=False)
+        self.register_buffer("first_class_of", torch.tensor(first_class, dtype=torch.long), persistent=False)
+        self.register_buffer("vocab_ids", torch.tensor(vocabulary, dtype=torch.long), persistent=False)
+        if head == "last":
+            self.head_drop = nn.Dropout(dropout)
+            self.head = nn.Linear(backbone.d_model, spec.num_labels)
+
+    def hidden(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The final-normed states [B, L, d] of the tokens (soft prompt positions removed)."""
+        body = self.parts[0]
+        if not self.prompt_tokens:
+            return body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        embeds = body.embed_tokens(ids)  # scaled as the model scales it (Gemma)
+        prompts = self.model.get_prompt(batch_size=len(ids)).to(embeds.dtype)
+        embeds = torch.cat([prompts, embeds], dim=1)
+        if mask is not None:
+            mask = torch.cat([torch.ones(len(ids), self.prompt_tokens, dtype=mask.dtype, device=mask.device), mask], dim=1)
+        return body(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state[:, self.prompt_tokens :]
+
+    def last_state(self, inputs: TokenInputs) -> torch.Tensor:
+        """The final state of each prompt's last real token [B, d]."""
+        stack = inputs.tokens["decoder"]
+        mask = inputs.mask("decoder")
+        if mask is None and stack["input_ids"].device.type == "meta":
+            mask = stack["attention_mask"]  # without a mask transformers checks for packed sequences, reading values
+        h = self.hidden(stack["input_ids"], mask)
+        last = stack["attention_mask"].sum(1) - 1
+        return h[torch.arange(len(h), device=h.device), last.to(h.device)]
+
+    def token_logits(self, h: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits of `token_ids` only [..., len(token_ids)] (float32, the config's softcap)."""
+        rows = self.parts[1].weight[token_ids.to(self.parts[1].weight.device)]
+        logits = (h.to(rows.dtype) @ rows.t()).float()
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+
+    def head_logits(self, inputs: TokenInputs) -> torch.Tensor:
+        return self.head(self.head_drop(self.last_state(inputs))).float()
+
+    def loss(self, inputs: TokenInputs) -> torch.Tensor:
+        if self.kind == "last":
+            logits = self.head_logits(inputs)
+            if self.label_kind == "regression":
+                return F.mse_loss(logits.squeeze(-1), inputs.labels.float())
+            return F.cross_entropy(logits, inputs.labels.long())
+        logits = self.token_logits(self.last_state(inputs), self.first_ids)
+        return F.cross_entropy(logits, self.first_class_of[inputs.labels.long().to(logits.device)])
+
+    @torch.no_grad()
+    def score_candidates(self, inputs: TokenInputs) -> torch.Tensor:
+        """Each label word's log-probability [B, K], as `DecoderSideNetwork.score_candidates` computes it."""
+        k = len(self.words)
+        scores = self.token_logits(self.last_state(inputs), self.first_ids).log_softmax(-1)[:, self.first_class_of]
+        if max(len(w) for w in self.words) == 1:
+            return scores
+        prompt, cand = inputs.tokens["decoder"], inputs.tokens["candidates"]
+        ids, targets = cand["input_ids"], cand["labels"]
+        starts = prompt["attention_mask"].sum(1).repeat_interleave(k)
+        lengths = cand["attention_mask"].sum(1)
+        total = int((starts + lengths).max())
+        packed = torch.zeros(len(ids), total, dtype=ids.dtype, device=ids.device)
+        packed_mask = torch.zeros_like(packed)
+        for r in range(len(ids)):  # example-major: row r is candidate r % k of example r // k
+            n, m = int(starts[r]), int(lengths[r])
+            packed[r, :n] = prompt["input_ids"][r // k, :n]
+            packed[r, n : n + m] = ids[r, :m]
+            packed_mask[r, : n + m] = 1
+        h = self.hidden(packed, None if bool(packed_mask.all()) else packed_mask)
+        index = (starts[:, None] + torch.arange(ids.shape[1], device=ids.device)[None]).clamp(max=total - 1)
+        at = h[torch.arange(len(h), device=h.device)[:, None], index.to(h.device)]  # [B K, M, d]
+        logp = self.token_logits(at, self.vocab_ids).log_softmax(-1)
+        position = vocabulary_index(self.vocab_ids, targets.clamp(min=0)).to(logp.device)
+        token = logp.gather(-1, position.unsqueeze(-1)).squeeze(-1) * (targets >= 0).to(logp.device)
+        return scores + token.sum(-1).view(-1, k).to(scores.device)
+
+    @torch.no_grad()
+    def predict(self, inputs: TokenInputs) -> torch.Tensor:
+        if self.kind == "last":
+            logits = self.head_logits(inputs)
+            return (logits.squeeze(-1) if self.label_kind == "regression" else logits.argmax(-1)).double().cpu()
+        return self.score_candidates(inputs).argmax(-1).double().cpu()  # candidate j is class j
+
+
+class DecoderBaselines(FamilyBaselines):
+    """Decoder baselines with the LST side's head (label words, or the last token with `pooling="last"`);
+    adapters after every block's attention output (o_proj) and MLP output (down_proj) projections;
+    BitFit adds zero biases to the blocks' linear layers (Llama-style blocks have none) and trains
+    them with the RMSNorms."""
+
+    peft_task = "CAUSAL_LM"
+
+    def random_model(self, config) -> nn.Module:
+        """With eager attention: transformers' sdpa mask code reads tensor values, which the meta device
+        has not (and a CPU step then saves the same tensors as a meta one)."""
+        import transformers
+
+        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+    def adapter_sites(self, model: nn.Module) -> list[tuple[nn.Module, str]]:
+        layers = find_text_model(model)[1].layers
+        if not is_llama_style(layers[0]):
+            raise UserError(f"adapters need Llama-style blocks (self_attn.o_proj, mlp.down_proj); {type(model).__name__} has others")
+        return [site for layer in layers for site in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj"))]
+
+    def bitfit(self, model: nn.Module) -> None:
+        for module in find_text_model(model)[1].layers.modules():
+            if isinstance(module, nn.Linear) and module.bias is None:
+                module.bias = nn.Parameter(torch.zeros(module.out_features, device=module.weight.device, dtype=module.weight.dtype))
+        for module in model.modules():
+            if is_rms_norm(module):
+                module.requires_grad_(True)
+        train_biases(model)
+
+    def wrap(self, model: nn.Module, backbone: Backbone, spec: TaskSpec, prompt_tokens: int) -> BaselineModule:
+        return self.wrap_with(model, backbone, spec, prompt_tokens)
+
+    def wrap_with(self, model: nn.Module, backbone: Backbone, spec: TaskSpec, prompt_tokens: int,
+                  options: SideOptions | None = None) -> BaselineModule:
+        pooling = options.pooling if options is not None else "mean"
+        if pooling == "cls":
+            raise UserError("a causal LM has no [CLS] token; use --pooling last (a head on the last token) or the label words")
+        head = "last" if spec.label_kind == "regression" or pooling == "last" else "words"
+        return DecoderTuned(model, backbone, spec, head, prompt_tokens)
+
+
+DecoderSideNetwork.baselines = DecoderBaselines()

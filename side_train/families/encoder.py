@@ -116,6 +116,9 @@ class EncoderSideNetwork(SideNetwork):
     def config_for(cls, backbone: Backbone, spec: TaskSpec, options: SideOptions) -> EncoderSideConfig:
         """Sized from the backbone's sizes, read through the config's own names (shared.families.encoder.config_value)."""
         options.check()
+        if options.merge_final:
+            raise UserError("--merge-final mixes in a decoder-only backbone's final state before its LM head; "
+                            "an encoder has no LM head: drop --merge-final")
         cfg = EncoderSideConfig(
             backbone_d=backbone.d_model, backbone_d_ff=backbone.d_ff, num_heads=backbone.num_heads,
             num_backbone_layers=backbone.num_layers, reduction=options.reduction, dropout=options.dropout,

@@ -187,6 +187,9 @@ class T5SideNetwork(SideNetwork):
         """Size the side network from the backbone's config and the user's options."""
         c = backbone.config
         options.check()
+        if options.merge_final:
+            raise UserError("--merge-final mixes in a decoder-only backbone's final state; T5 side networks have no "
+                            "such output: drop --merge-final")
         cfg = T5SideConfig(
             backbone_d=c.d_model, backbone_d_ff=c.d_ff, backbone_d_kv=c.d_kv, num_heads=c.num_heads,
             num_backbone_layers=c.num_layers, num_backbone_decoder_layers=c.num_decoder_layers,
@@ -226,6 +229,10 @@ class T5SideNetwork(SideNetwork):
         encoded = self.encoder(batch.states["encoder"], batch.masks["encoder"])
         logits = self.lm_logits(encoded, batch.masks["encoder"], batch.states["decoder"], batch.masks["decoder"])
         return F.cross_entropy(logits.float().flatten(0, 1), batch.targets["decoder"].flatten(), ignore_index=-100)
+
+    def loss_weight(self, batch) -> torch.Tensor:
+        """The loss averages target tokens: count them."""
+        return (batch.targets["decoder"] != -100).sum()
 
     @torch.no_grad()
     def score_candidates(self, batch) -> torch.Tensor:
