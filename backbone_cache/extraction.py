@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -727,14 +726,8 @@ class Extraction:
     def store_importance(self, folder: CacheLocation) -> None:
         if self.config.init != "fisher" or "train" not in self.plans:
             return
-        from backbone_cache.importance import fisher_scores, save_importance
+        from backbone_cache.importance import fisher_scores, importance_bytes
 
         scores = fisher_scores(self.backbone, self.spec, self.plans["train"], self.config.fisher_samples, quiet=self.config.quiet)
-        if folder.is_local:
-            save_importance(folder.path / "importance.safetensors", scores, "fisher")
-        else:  # written locally, then uploaded as one object
-            with tempfile.TemporaryDirectory() as tmp:
-                local = Path(tmp) / "importance.safetensors"
-                save_importance(local, scores, "fisher")
-                folder.write_bytes("importance.safetensors", local.read_bytes())
+        folder.write_bytes("importance.safetensors", importance_bytes(scores, "fisher"))  # local: temp file, rename
         self.manifest["importance"] = {"kind": "fisher", "file": "importance.safetensors", "samples": self.fisher_samples()}

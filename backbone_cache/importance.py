@@ -119,12 +119,11 @@ def fisher_scores_batch1(backbone: Backbone, objective, targets: ScoreTargets, p
     return reduce_scores(fisher, targets)
 
 
-def save_importance(path: Path, scores: dict[str, torch.Tensor], kind: str) -> None:
-    from safetensors.torch import save_file
+def importance_bytes(scores: dict[str, torch.Tensor], kind: str) -> bytes:
+    """The scores as a safetensors file's bytes (written whole by the cache's location)."""
+    from safetensors.torch import save
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(scores, str(tmp), metadata={"kind": kind})
-    tmp.replace(path)
+    return save(scores, metadata={"kind": kind})
 
 
 def load_importance(path: Path) -> tuple[dict[str, torch.Tensor], str]:

@@ -36,12 +36,12 @@ def lengths(n: int, seed: int) -> np.ndarray:
     return np.clip(np.round(np.random.default_rng(seed).gamma(6.0, 5.5, n)), 20, 60).astype(int)
 
 
-def make_examples(family: str, n: int, vocab: int, seed: int) -> list[dict]:
+def make_examples(shape: str, n: int, vocab: int, seed: int) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     out = []
     for length in lengths(n, seed):
         example = {"input_ids": torch.randint(5, vocab, (int(length),), generator=gen)}
-        example["labels"] = torch.randint(5, vocab, (2,), generator=gen) if family == "t5" else torch.randint(0, 2, (), generator=gen)
+        example["labels"] = torch.randint(5, vocab, (2,), generator=gen) if shape == "t5" else torch.randint(0, 2, (), generator=gen)
         out.append(example)
     return out
 
@@ -55,16 +55,16 @@ def pad(sequences: list[torch.Tensor], value: int = 0) -> tuple[torch.Tensor, to
     return ids, mask
 
 
-def collate(family: str, examples: list[dict]) -> dict[str, torch.Tensor]:
+def collate(shape: str, examples: list[dict]) -> dict[str, torch.Tensor]:
     ids, mask = pad([e["input_ids"] for e in examples])
-    if family == "t5":
+    if shape == "t5":
         return {"input_ids": ids, "attention_mask": mask, "labels": pad([e["labels"] for e in examples], -100)[0]}
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.stack([e["labels"] for e in examples])}
 
 
-def build(family: str, seed: int):
+def build(shape: str, seed: int):
     torch.manual_seed(seed)
-    if family == "t5":
+    if shape == "t5":
         from transformers import T5Config, T5ForConditionalGeneration
 
         config = T5Config(vocab_size=32128, d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12,
@@ -76,9 +76,9 @@ def build(family: str, seed: int):
     return model, torch.nn.Linear(768, 2).requires_grad_(False)
 
 
-def losses_fn(family: str, head):
+def losses_fn(shape: str, head):
     """(batched per-example losses, the batch-1 loss of one example): the same loss."""
-    if family == "t5":
+    if shape == "t5":
         def batched(model, batch):
             labels = batch["labels"]
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
@@ -137,22 +137,22 @@ def batch1(model: torch.nn.Module, examples: list[dict], loss_of, targets: Score
     return scores
 
 
-def batched(model, examples, family, loss_of, targets, args, quiet=True) -> dict[str, torch.Tensor]:
+def batched(model, examples, shape, loss_of, targets, args, quiet=True) -> dict[str, torch.Tensor]:
     groups = length_batches([len(e["input_ids"]) for e in examples], args.max_tokens, args.max_examples)
-    batches = (collate(family, [examples[i] for i in g]) for g in groups)
+    batches = (collate(shape, [examples[i] for i in g]) for g in groups)
     return fisher_scores(model, batches, loss_of, targets, quiet=quiet, total=len(examples))
 
 
-def run(family: str, args) -> dict:
-    model, head = build(family, args.seed)
+def run(shape: str, args) -> dict:
+    model, head = build(shape, args.seed)
     for p in model.parameters():
         p.requires_grad_(False)
     targets = default_targets(model)
-    examples = make_examples(family, args.samples, model.config.vocab_size, args.seed + 1)
+    examples = make_examples(shape, args.samples, model.config.vocab_size, args.seed + 1)
     subset = examples[: args.batch1_samples]
-    batched_loss, single_loss = losses_fn(family, head)
+    batched_loss, single_loss = losses_fn(shape, head)
     batch1(model, subset[:2], single_loss, targets)  # warm-up (allocator, kernels)
-    batched(model, examples[:16], family, batched_loss, targets, args)
+    batched(model, examples[:16], shape, batched_loss, targets, args)
 
     # Rounds alternate the two (each round: a slice of the batch-1 subset, then a slice of all
     # examples batched), so both see the same background load on a shared machine.
@@ -166,18 +166,18 @@ def run(family: str, args) -> dict:
             if i == 0:  # the running Fisher's scores: after the last round, over the whole subset
                 reference = batch1(model, part, single_loss, targets, fisher, reduce=r == args.rounds - 1)
             else:
-                batched(model, part, family, batched_loss, targets, args, args.quiet)
+                batched(model, part, shape, batched_loss, targets, args, args.quiet)
             wall[i] += time.perf_counter() - start
             cpu[i] += time.process_time() - start_cpu
     load.append(round(os.getloadavg()[0], 2))
     t_batch1, t_batched = wall[0] / len(subset), wall[1] / len(examples)
     cpu_batch1, cpu_batched = cpu[0] / len(subset), cpu[1] / len(examples)
 
-    ours = batched(model, subset, family, batched_loss, targets, args)
+    ours = batched(model, subset, shape, batched_loss, targets, args)
     assert set(ours) == set(reference)
     diff = max(((ours[k] - reference[k]).abs().max() / reference[k].abs().max().clamp_min(1e-30)).item() for k in reference)
     return {
-        "model": family, "samples": len(examples), "batch1_samples": len(subset), "keys": len(reference),
+        "model": shape, "samples": len(examples), "batch1_samples": len(subset), "keys": len(reference),
         "mean_tokens": round(float(np.mean([len(e["input_ids"]) for e in examples])), 1),
         "mean_tokens_batch1_subset": round(float(np.mean([len(e["input_ids"]) for e in subset])), 1),
         "batch1_s_per_example": round(t_batch1, 4), "batched_s_per_example": round(t_batched, 4),
@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     args.batch1_samples = min(args.batch1_samples, args.samples)
     if args.threads:
         torch.set_num_threads(args.threads)
-    for family in args.models.split(","):
-        print(json.dumps(run(family.strip(), args)), flush=True)
+    for shape in args.models.split(","):
+        print(json.dumps(run(shape.strip(), args)), flush=True)
 
 
 if __name__ == "__main__":

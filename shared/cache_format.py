@@ -27,7 +27,6 @@ carries storage options; remote arrays are read through zarr's FsspecStore.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -103,16 +102,6 @@ def safe_name(name: str, what: str) -> str:
     if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in (".", ".."):
         raise UserError(f"the cache manifest names an unsafe {what} {name!r}; the cache is damaged or forged")
     return name
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON to a temporary file, fsync it, and rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(cache_dir: Where) -> dict:

@@ -80,12 +80,12 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def all_gather_objects(obj) -> list:
-    """Every rank's `obj`, in rank order ([obj] without a process group)."""
+def all_gather_objects(obj, group=None) -> list:
+    """Every rank's `obj`, in rank order, over `group` (default: the whole job; [obj] without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
     out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -110,7 +110,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def patient_group(hours: float = 72.0):
-    """A gloo group with a long timeout, for waits whose length is the slowest rank's whole work
+    """A gloo group with a long timeout, for waits whose length is the slowest rank's whole work (`all_gather_objects(obj, group)`)
     (a sweep's ranks finish their members at different times); None without a process group.
     Every rank must call it, in the same order."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -118,15 +118,6 @@ def patient_group(hours: float = 72.0):
     from datetime import timedelta
 
     return dist.new_group(backend="gloo", timeout=timedelta(hours=hours))
-
-
-def gather_patiently(obj, group) -> list:
-    """Every rank's `obj`, in rank order, over a `patient_group` ([obj] without one)."""
-    if group is None:
-        return [obj]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj, group=group)
-    return out
 
 
 def check_devices(device: str, r: Ranks) -> None:

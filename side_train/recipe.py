@@ -189,7 +189,7 @@ def data_sources(sources: Sources, cfg: SideConfig, tier: str = "ram", reader: s
 
 def importance_scores(sources: Sources, init: str, fisher_samples: int, quiet: bool = True) -> dict | None:
     """Row scores for pruned init: the cache's stored Fisher, live Fisher, or magnitude."""
-    from backbone_cache.importance import fisher_scores, load_importance, magnitude_scores
+    from backbone_cache.importance import fisher_scores, magnitude_scores
 
     if init not in INITS:
         raise UserError(f"--init {init!r}: choose one of {', '.join(INITS)}")
@@ -201,12 +201,9 @@ def importance_scores(sources: Sources, init: str, fisher_samples: int, quiet: b
         meta = sources.manifest.get("importance")
         if not meta or meta.get("kind") != "fisher":
             raise UserError(f"cache {sources.cache} holds no Fisher importance; extract with --init fisher or use --init magnitude")
-        if sources.cache.is_local:
-            scores, _ = load_importance(sources.cache.path / "importance.safetensors")
-            return scores
         from safetensors.torch import load
 
-        return load(sources.cache.read_bytes("importance.safetensors"))
+        return load(sources.cache.read_bytes("importance.safetensors"))  # a local folder or an object store alike
     if "train" not in sources.plans:
         raise UserError("fisher init needs the train split")
     return fisher_scores(sources.backbone, sources.spec, sources.plans["train"], fisher_samples, quiet=quiet)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from shared.allocator import keep_freed_memory
-from shared.distributed import barrier, broadcast_object, gather_patiently, local_world_size, patient_group
+from shared.distributed import all_gather_objects, barrier, broadcast_object, local_world_size, patient_group
 from shared.errors import UserError
 from side_train.data import LayerView
 from side_train.recipe import backbone_parameters, choose_tier, data_sources, importance_scores, open_sources
@@ -140,7 +140,7 @@ def sweep(config: SweepConfig) -> list[dict]:
             if ranks.is_main:
                 write_results(out, members, sources.spec.metrics)
     if ranks.distributed:  # wait for every rank's members, however long they take
-        record["passes"] = [p for part in gather_patiently(record["passes"], patient) for p in part]
+        record["passes"] = [p for part in all_gather_objects(record["passes"], patient) for p in part]
     record["wall_seconds"] = round(time.perf_counter() - start, 3)
     rows = None
     if ranks.is_main:
