@@ -17,7 +17,7 @@ import gc
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +44,12 @@ from side_train.baselines import (
     qlora_unavailable,
 )
 from side_train.compare_report import Row
-from side_train.data import Batch, epoch_batches, eval_batches
+from side_train.data import Batch, eval_batches
 from side_train.families import side_family
 from side_train.memory import MemoryAccount, SavedTensorCounter, account, device_tensors, parameter_count, recompute_bytes
 from side_train.model import SideNetwork, SideOptions
 from side_train.recipe import INITS
-from side_train.train import TrainConfig, lr_at
+from side_train.train import TrainConfig, Trainee, TrainState, epochs_for_steps, train_networks
 
 LST_METHODS = ("lst-live", "lst-cached", "lst-cached-recompute")
 METHODS = (*BASELINES, *LST_METHODS)  # the default list: every one runs on any device
@@ -124,7 +124,9 @@ class CompareConfig:
         linear decay, clipping at 1.0, `train_steps` steps of the same batches in the same order."""
         return TrainConfig(max_steps=self.train_steps, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
                            lr=self.lrs[method], warmup_steps=max(1, self.train_steps // 10), weight_decay=0.0, clip=1.0,
-                           seed=self.seed, quiet=self.quiet)
+                           seed=self.seed, recompute=method.endswith("-recompute"),
+                           precision="fp32",  # as its memory and step time are measured
+                           quiet=self.quiet)
 
 
 # --- backbones --------------------------------------------------------------------------------
@@ -381,36 +383,29 @@ def time_steps(prepared: Prepared, batch: TokenInputs, steps: int, warmup: int =
 # --- equal-budget training --------------------------------------------------------------------
 
 
-def train_for(module: nn.Module, loss_of_rows: Callable[[np.ndarray], torch.Tensor], lengths: np.ndarray, cfg: TrainConfig,
-              desc: str) -> tuple[float, float]:
-    """`cfg.max_steps` steps of AdamW on `cfg`'s schedule (side_train.train.lr_at) and clipping, over
-    the batches side_train.data.epoch_batches cuts (the same row order for every method).
+@dataclass
+class TokenSource:
+    """Batches of token ids for a method that runs the backbone itself (the baselines)."""
+
+    plan: SplitPlan
+    stacks: tuple[str, ...]
+
+    def batch(self, rows: np.ndarray) -> TokenInputs:
+        return token_inputs(self.plan, rows, self.stacks)
+
+
+def train_module(method: str, module: nn.Module, source, lengths: np.ndarray, spec: TaskSpec, cfg: TrainConfig,
+                 device: torch.device) -> tuple[float, float]:
+    """`cfg.max_steps` steps of side_train.train's loop (AdamW on its schedule, clipping, the batches
+    side_train.data.epoch_batches cuts: the same row order for every method), writing nothing.
 
     Returns (seconds, the last step's loss)."""
-    steps = cfg.max_steps
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-    module.train()
-    torch.manual_seed(cfg.seed)
-    step, epoch, start = 0, 0, time.perf_counter()
-    with tqdm(total=steps, desc=desc, unit="step", disable=cfg.quiet, dynamic_ncols=True) as bar:
-        while step < steps:
-            for rows in epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch):
-                if step >= steps:
-                    break
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, cfg, steps)
-                loss = loss_of_rows(rows)
-                loss.backward()
-                if cfg.clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            epoch += 1
-    return time.perf_counter() - start, float(loss.detach())
+    cfg = replace(cfg, epochs=epochs_for_steps(lengths, cfg.batch_size, cfg.seed, cfg.max_steps))
+    torch.manual_seed(cfg.seed)  # the dropout stream every method starts from
+    state = TrainState(module, lengths, spec, cfg, None, device)
+    trainee = Trainee(method, state)
+    train_networks([trainee], source, device, label=method, quiet=cfg.quiet)
+    return trainee.seconds, state.last_loss
 
 
 @torch.no_grad()
@@ -473,21 +468,14 @@ def train_and_evaluate(method: str, config: CompareConfig, spec: TaskSpec, plans
     out: dict = {"lr": cfg.lr}
     if method in BASELINES or method in GPU_BASELINES:
         module = prepared.module
-
-        def loss_of_rows(rows):
-            return module.loss(token_inputs(train_plan, rows, network.train_stacks).to(device))
-
-        out["train_seconds"], out["train_loss_last"] = train_for(module, loss_of_rows, train_plan.lengths, cfg, method)
+        source = TokenSource(train_plan, network.train_stacks)
+        out["train_seconds"], out["train_loss_last"] = train_module(method, module, source, train_plan.lengths, spec, cfg, device)
         for split in evals:
             out[split] = evaluate_baseline(module, plans[split], network.eval_stacks, spec, device, cfg.eval_batch_size)
         return out
     side = side_network(prepared.module)
     sources = lst_sources(config, prepared, reference, spec, plans)
-
-    def loss_of_rows(rows):
-        return side.loss(sources["train"].batch(rows).to(device))
-
-    out["train_seconds"], out["train_loss_last"] = train_for(side, loss_of_rows, train_plan.lengths, cfg, method)
+    out["train_seconds"], out["train_loss_last"] = train_module(method, side, sources["train"], train_plan.lengths, spec, cfg, device)
     for split in evals:
         out[split] = evaluate(side, sources[split], spec, device, cfg.eval_batch_size)
     return out

@@ -142,17 +142,23 @@ class TrainState:
     `batch_size x world_size` examples, each rank's mean loss weighted by its share of the
     loss's terms so the averaged gradient is the global batch's; rank 0 alone writes the
     metrics, checkpoints and models, and every rank resumes from rank 0's checkpoint.
+
+    With `run_dir` None nothing is written or resumed: compare trains its methods' modules
+    this way (any module with `loss(batch)`; the caller evaluates it after training).
     """
 
-    def __init__(self, model: SideNetwork, lengths, spec: TaskSpec, cfg: TrainConfig, run_dir: Path,
-                 device: torch.device, track_memory: bool = False, ranks: Ranks | None = None):
-        self.model, self.spec, self.cfg, self.run_dir, self.device = model, spec, cfg, Path(run_dir), device
+    def __init__(self, model: SideNetwork | torch.nn.Module, lengths, spec: TaskSpec, cfg: TrainConfig,
+                 run_dir: Path | None, device: torch.device, track_memory: bool = False, ranks: Ranks | None = None):
+        self.model, self.spec, self.cfg, self.device = model, spec, cfg, device
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         self.lengths = lengths
         self.ranks = ranks or Ranks()
         self.world = self.ranks.world_size if self.ranks.distributed else 1
-        self.writes = self.ranks.is_main  # rank 0 alone writes the run folder
+        self.writes = self.ranks.is_main and self.run_dir is not None  # rank 0 alone writes the run folder
         self.global_batch = cfg.batch_size * self.world
-        model.to(device).set_recompute(cfg.recompute)
+        model.to(device)
+        if isinstance(model, SideNetwork):
+            model.set_recompute(cfg.recompute)
         self.ddp = None
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -168,10 +174,11 @@ class TrainState:
         epochs_steps = sum(len(epoch_batches(lengths, self.global_batch, cfg.seed, e)) for e in range(cfg.epochs))
         self.total_steps = epochs_steps if cfg.max_steps is None else min(cfg.max_steps, epochs_steps)
         self.autocast = uses_bf16(cfg.precision, device)
-        self.checkpoint_dir = self.run_dir / "checkpoint"
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        folder = self.run_dir or Path(".")
+        self.checkpoint_dir = folder / "checkpoint"
+        self.metrics_path = folder / "metrics.jsonl"
         self.progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "train_seconds": 0.0}
-        self.resumed = (self.checkpoint_dir / "state.json").is_file()
+        self.resumed = self.run_dir is not None and (self.checkpoint_dir / "state.json").is_file()
         if self.resumed:
             self.progress = load_checkpoint(self.checkpoint_dir, model, self.optimizer)
             if self.writes:
@@ -398,7 +405,8 @@ def train_networks(trainees: list[Trainee], train_source, device: torch.device, 
                 read_share = (time.perf_counter() - t0) / len(stepping)  # waiting for the batch, shared
                 for t in stepping:
                     t1 = time.perf_counter()
-                    loss = t.state.step(batch.select(t.positions), epoch, index, len(batches), index in batches.weightless)
+                    own = batch.select(t.positions) if t.positions else batch
+                    loss = t.state.step(own, epoch, index, len(batches), index in batches.weightless)
                     seconds[t.name] += time.perf_counter() - t1 + read_share
                     bar.update(1)
                 seen += batch.size * running[0].state.world
@@ -418,6 +426,15 @@ def train_networks(trainees: list[Trainee], train_source, device: torch.device, 
         bar.close()
         for t in trainees:
             t.state.close()
+
+
+def epochs_for_steps(lengths, batch_size: int, seed: int, steps: int) -> int:
+    """How many epochs of side_train.data.epoch_batches hold `steps` steps (at least one)."""
+    epochs, covered = 0, 0
+    while covered < steps or epochs == 0:
+        covered += len(epoch_batches(lengths, batch_size, seed, epochs))
+        epochs += 1
+    return epochs
 
 
 def _is_best(history: list[dict]) -> bool:
