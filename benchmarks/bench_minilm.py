@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 def run(cache: Path, out: Path, *extra: str) -> dict:
@@ -33,20 +34,19 @@ def linear_probe(cache: Path) -> float:
     """Logistic regression on the frozen, mean-pooled last layer (the 0.730 reference point's method)."""
     from sklearn.linear_model import LogisticRegression
 
-    from shared.cache_format import StackReader, read_manifest
+    from shared.cache_format import StackReader, read_examples, read_manifest
 
     manifest = read_manifest(cache)
     features = {}
     for split in ("train", "test"):
-        reader = StackReader(cache, split, "encoder", manifest["splits"][split]["stacks"]["encoder"])
+        stack = manifest["primary_stack"]
+        reader = StackReader(cache, split, stack, manifest["splits"][split]["stacks"][stack])
         last = reader.layers.index(max(reader.layers))
         states = torch.from_numpy(reader.read_tokens(0, int(reader.offsets[-1]), slice(last, last + 1)).view(np.int16))
         states = states.view(torch.bfloat16).float()[:, 0]
         sums = torch.zeros(reader.num_sequences, states.shape[1]).index_add_(
             0, torch.repeat_interleave(torch.arange(reader.num_sequences), torch.from_numpy(reader.lengths())), states)
-        import pyarrow.parquet as pq
-
-        labels = pq.read_table(cache / split / "examples.parquet").column("label").to_numpy()
+        labels = read_examples(cache, split).column("label").to_numpy()
         features[split] = ((sums / torch.from_numpy(reader.lengths())[:, None]).numpy(), labels)
     probe = LogisticRegression(max_iter=2000).fit(*features["train"])
     return float((probe.predict(features["test"][0]) == features["test"][1]).mean())

@@ -56,7 +56,7 @@ def _layers(text: str) -> list[int]:
 # a grid key -> (the RunConfig section it sets, its parser); every other run setting is fixed for the sweep
 OPTIONS = {
     "reduction": ("side", int), "side_layers": ("side", _layers), "drop_layers": ("side", int), "dropout": ("side", float),
-    "attention_dropout": ("side", float), "pooling": ("side", str),
+    "attention_dropout": ("side", float), "pooling": ("side", str), "merge_final": ("side", _bool),
     "epochs": ("train", int), "max_steps": ("train", int), "batch_size": ("train", int), "eval_batch_size": ("train", int),
     "lr": ("train", float), "warmup_steps": ("train", int), "weight_decay": ("train", float), "clip": ("train", float),
     "seed": ("train", int), "save_every": ("train", int), "recompute": ("train", _bool), "precision": ("train", str),
@@ -126,8 +126,10 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
 
 
 def _option_value(key: str, value) -> str:
-    if isinstance(value, bool) or value is None or isinstance(value, dict):
-        raise UserError(f"configuration value {key}={value!r} must be a number, a string or a list of numbers")
+    if isinstance(value, bool):  # YAML's and JSON's true / false (merge_final, recompute)
+        return "true" if value else "false"
+    if value is None or isinstance(value, dict):
+        raise UserError(f"configuration value {key}={value!r} must be a number, a string, a boolean or a list of numbers")
     if isinstance(value, list):
         return ",".join(str(v) for v in value)
     return str(value)

@@ -316,6 +316,27 @@ def test_equal_budget_training_live_and_cached_agree(tiny_t5, tmp_path):
     assert float(live["test_score"]) == pytest.approx(float(cached["test_score"]), abs=100 / 16 * 2 + 1e-6)
 
 
+def test_compare_trains_lst_cached_as_side_train_run_does(tiny_t5, tmp_path):
+    """compare's equal budget is side_train.train's loop with compare's settings: the same steps with
+    side_train.run on the cache compare extracted end in the same loss and the same test score."""
+    import json
+
+    from side_train import run as solo
+
+    out = tmp_path / "cmp"
+    assert C.main(["--model", str(tiny_t5), "--limit", "16", "--batch-size", "8", "--max-length", "16", "--methods", "lst-cached",
+                   "--time-steps", "0", "--train-steps", "3", "--init", "magnitude", "--out", str(out), "--quiet"]) == 0
+    row = next(csv.DictReader(open(out / "compare.csv")))
+    run_dir = tmp_path / "run"  # 2 batches per epoch: 3 steps end in the second epoch; 10% warmup is 1 step
+    assert solo.main(["--cache", str(out / "cache"), "--out", str(run_dir), "--init", "magnitude", "--batch-size", "8", "--epochs", "2",
+                      "--max-steps", "3", "--lr", row["lr"], "--warmup-steps", "1", "--weight-decay", "0", "--clip", "1",
+                      "--precision", "fp32", "--seed", "0", "--quiet"]) == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["type"] == "train"]
+    assert len(losses) == 3 and round(losses[-1], 5) == float(row["train_loss_last"])
+    assert records[-1]["type"] == "eval" and records[-1]["test"]["score"] == pytest.approx(float(row["test_score"]))
+
+
 def test_equal_budget_training_of_a_seq2seq_baseline(tiny_t5, tmp_path):
     """Prompt tuning through peft on T5, scored by the summed log-probability of each label string."""
     out = tmp_path / "train"

@@ -196,10 +196,10 @@ def test_qlora_without_a_gpu_is_a_skipped_row(decoders, task_files, tmp_path, ca
     assert float(rows["lora"]["total_bytes"]) > 0 and rows["lora"]["skipped"] == ""
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "lst-cached", "lst-cached-recompute"])
+@pytest.mark.parametrize("method", ["full", "lora", "lst-live", "lst-cached", "lst-cached-recompute"])
 def test_meta_device_counts_the_same_bytes_as_a_cpu_step(decoders, method):
-    """Shape studies (--random-init --task synthetic): the meta device counts a decoder step exactly as the CPU.
-    (lst-live is not counted on meta for decoders: the family's `states` reads mask values.)"""
+    """Shape studies (--random-init --task synthetic): the meta device counts a decoder step exactly as the CPU
+    (lst-live too: its backbone runs on meta without reading a value)."""
     config = C.parse_args(["--model", str(decoders["qwen2"]), "--random-init", "--task", "synthetic", "--batch-size", "3",
                            "--max-length", "12"])
     reference = R.fresh_backbone(config, torch.device("meta"))

@@ -22,7 +22,7 @@ from shared.errors import UserError
 from side_train import run as solo
 from side_train import sweep as sweep_mod
 from side_train import sweep_plan
-from side_train.runs import Member
+from side_train.runs import Member, RunConfig
 from side_train.train import TrainState
 
 pytestmark = needs_minilm  # the tiny BERT borrows the embedded MiniLM's tokenizer files
@@ -183,6 +183,12 @@ def test_configs_file_and_errors(cache, tmp_path, capsys):
     configurations = sweep_plan.expand(entries, grid)
     assert len(configurations) == 4 and configurations[0] == {"lr": "1e-2", "name": "top", "side_layers": "1,2"}
     assert sweep_plan.parse_grid(["reduction=4,8", "lr=1e-3"]) == {"reduction": ["4", "8"], "lr": ["1e-3"]}
+    path.write_text('[{"merge_final": true, "recompute": false}]')
+    assert sweep_plan.load_config_file(path) == ({}, [{"merge_final": "true", "recompute": "false"}])
+    varied = sweep_plan.with_options(RunConfig(), {"merge_final": "yes", "pooling": "last", "lr": "1e-3"}, "test")
+    assert (varied.side.merge_final, varied.side.pooling, varied.train.lr) == (True, "last", 1e-3)
+    with pytest.raises(UserError, match="merge_final='maybe' is not a valid bool"):
+        sweep_plan.with_options(RunConfig(), {"merge_final": "maybe"}, "test")
     assert sweep_plan.parse_bytes("1.5GiB") == 3 * 2**29 and sweep_plan.parse_bytes("500MB") == 500 * 2**20
     for bad in (["lr"], ["lr="], ["lr=1", "lr=2"]):
         with pytest.raises(UserError, match="--grid"):

@@ -319,8 +319,13 @@ class DecoderBackbone(Backbone):
         hooks = [self.layers[0].register_forward_pre_hook(first_input, with_kwargs=True)]
         hooks += [layer.register_forward_hook(output) for layer in self.layers]
         try:
-            # an all-ones mask is dropped, so a batch of one runs exactly as the model alone
-            mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+            # an all-ones mask is dropped, so a batch of one runs exactly as the model alone; on the
+            # meta device (shape studies) values cannot be read: an all-ones mask keeps transformers
+            # from reading position ids to look for packed sequences
+            if input_ids.device.type == "meta":
+                mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            else:
+                mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
             if past is None:
                 self.text_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
             else:
