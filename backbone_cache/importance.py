@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -99,16 +100,25 @@ def fisher_scores_batch1(backbone: Backbone, objective, targets: ScoreTargets, p
                          labels: torch.Tensor, quiet: bool = False) -> dict[str, torch.Tensor]:
     """The reference's loop: one example per backward pass, the squared weight gradients summed."""
     device = backbone.device
-    weights = target_weights(backbone.model, targets)
-    fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    losses = (lambda n=n, i=i: objective(plan.token_batch([i], device), labels[n : n + 1]).sum()
+              for n, i in enumerate(tqdm(rows, desc="fisher", unit="ex", disable=quiet, dynamic_ncols=True)))
+    return reduce_scores(squared_gradient_sums(target_weights(backbone.model, targets), losses), targets)
+
+
+def squared_gradient_sums(weights: dict[str, torch.Tensor], losses: Iterable[Callable[[], torch.Tensor]],
+                          fisher: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The batch-1 loop: backprop each loss (one example's) alone and add every weight's squared
+    gradient to `fisher` (float32 running sums; new zeros when None), which is returned."""
+    if fisher is None:
+        fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
     for w in weights.values():
         w.requires_grad_(True)
     try:
-        for n, i in enumerate(tqdm(rows, desc="fisher", unit="ex", disable=quiet, dynamic_ncols=True)):
+        for loss in losses:
             for w in weights.values():
                 w.grad = None
             with torch.enable_grad():
-                objective(plan.token_batch([i], device), labels[n : n + 1]).sum().backward()
+                loss().backward()
             for name, w in weights.items():
                 if w.grad is not None:
                     fisher[name] += w.grad.float() ** 2
@@ -116,7 +126,7 @@ def fisher_scores_batch1(backbone: Backbone, objective, targets: ScoreTargets, p
         for w in weights.values():
             w.requires_grad_(False)
             w.grad = None
-    return reduce_scores(fisher, targets)
+    return fisher
 
 
 def importance_bytes(scores: dict[str, torch.Tensor], kind: str) -> bytes:

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backbone_cache.fisher import ScoreTargets, default_targets, fisher_scores, length_batches  # noqa: E402
+from backbone_cache.importance import squared_gradient_sums  # noqa: E402
 
 
 def lengths(n: int, seed: int) -> np.ndarray:
@@ -36,12 +37,15 @@ def lengths(n: int, seed: int) -> np.ndarray:
     return np.clip(np.round(np.random.default_rng(seed).gamma(6.0, 5.5, n)), 20, 60).astype(int)
 
 
+SEQ2SEQ = {"bert": False, "t5": True}  # whether a shape's model is an encoder-decoder with label token sequences
+
+
 def make_examples(shape: str, n: int, vocab: int, seed: int) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     out = []
     for length in lengths(n, seed):
         example = {"input_ids": torch.randint(5, vocab, (int(length),), generator=gen)}
-        example["labels"] = torch.randint(5, vocab, (2,), generator=gen) if shape == "t5" else torch.randint(0, 2, (), generator=gen)
+        example["labels"] = torch.randint(5, vocab, (2,), generator=gen) if SEQ2SEQ[shape] else torch.randint(0, 2, (), generator=gen)
         out.append(example)
     return out
 
@@ -57,14 +61,14 @@ def pad(sequences: list[torch.Tensor], value: int = 0) -> tuple[torch.Tensor, to
 
 def collate(shape: str, examples: list[dict]) -> dict[str, torch.Tensor]:
     ids, mask = pad([e["input_ids"] for e in examples])
-    if shape == "t5":
+    if SEQ2SEQ[shape]:
         return {"input_ids": ids, "attention_mask": mask, "labels": pad([e["labels"] for e in examples], -100)[0]}
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.stack([e["labels"] for e in examples])}
 
 
 def build(shape: str, seed: int):
     torch.manual_seed(seed)
-    if shape == "t5":
+    if SEQ2SEQ[shape]:
         from transformers import T5Config, T5ForConditionalGeneration
 
         config = T5Config(vocab_size=32128, d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12,
@@ -78,7 +82,7 @@ def build(shape: str, seed: int):
 
 def losses_fn(shape: str, head):
     """(batched per-example losses, the batch-1 loss of one example): the same loss."""
-    if shape == "t5":
+    if SEQ2SEQ[shape]:
         def batched(model, batch):
             labels = batch["labels"]
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
@@ -105,25 +109,10 @@ def losses_fn(shape: str, head):
 
 def batch1(model: torch.nn.Module, examples: list[dict], loss_of, targets: ScoreTargets,
            fisher: dict[str, torch.Tensor] | None = None, reduce: bool = True) -> dict[str, torch.Tensor]:
-    """importance.fisher_importance's loop (every 2-D weight), then the targets' per-row reductions.
+    """importance.squared_gradient_sums over every 2-D weight (the reference's loop), then the targets' per-row reductions.
     `fisher`: the running sums to continue (one allocation and one reduction for all timing rounds, as in one run)."""
     params = {name: p for name, p in model.named_parameters() if p.dim() == 2}
-    if fisher is None:
-        fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
-    for p in params.values():
-        p.requires_grad_(True)
-    try:
-        for example in examples:
-            model.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                loss_of(model, example).backward()
-            for name, p in params.items():
-                if p.grad is not None:
-                    fisher[name] += p.grad.float() ** 2
-    finally:
-        for p in params.values():
-            p.requires_grad_(False)
-            p.grad = None
+    fisher = squared_gradient_sums(params, (lambda e=e: loss_of(model, e) for e in examples), fisher)
     if not reduce:
         return {}
     by_weight = {id(p): fisher[name] for name, p in params.items()}
