@@ -69,6 +69,7 @@ class GenerationConfig:
     top_k: int = 0  # 0: no top-k cut
     top_p: float = 1.0  # 1: no nucleus cut
     seed: int = 0  # the sampling generator's seed
+    batch_size: int = 8  # prompts generated together (left-padded)
 
     def check(self) -> None:
         if self.max_new_tokens <= 0:
@@ -77,6 +78,8 @@ class GenerationConfig:
             raise UserError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
         if self.top_k < 0:
             raise UserError(f"--top-k must be 0 (off) or positive, got {self.top_k}")
+        if self.batch_size <= 0:
+            raise UserError(f"--batch-size must be positive, got {self.batch_size}")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
 

@@ -158,6 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens only (0: all)")
     g.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens whose probability reaches p")
     g.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded, KV-cached)")
     return p.parse_args(argv)
 
 
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--out {out} must be a file in an existing folder")
         if out.exists() and not args.overwrite:
             raise UserError(f"--out {out} exists; choose another file or pass --overwrite to replace it")
-    settings = GenerationConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    settings = GenerationConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, args.batch_size)
     settings.check()
     if args.generate and (args.cache or not args.text):  # before the model loads
         raise UserError("--generate continues texts: pass --text \"...\" (not --cache)")

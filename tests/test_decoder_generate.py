@@ -74,6 +74,30 @@ def test_cached_generation_equals_full_recomputation(backbones, kind):
     assert sampled == again and sampled != greedy
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_batched_generation_equals_each_prompt_alone(backbones, kind):
+    """Prompts of different lengths generated together (left-padded, both KV caches) give each prompt's
+    tokens from full recomputation alone, and its logits within float rounding; greedy and sampled, with
+    --merge-final, and with the prompts longer than Gemma 3's sliding window."""
+    bb = backbones[kind]
+    spec = load_default()[0]
+    texts = [PROMPT, "dull", "a gorgeous, witty, seductive movie that never lets go of you", "just fine"]
+    prompts = [bb.generation_prompt_ids([t], spec, 128) for t in texts]
+    assert len({len(p) for p in prompts}) == len(prompts)
+    for merge_final in (False, True):
+        side = side_for(bb, merge_final=merge_final)
+        for settings in (GenerationConfig(max_new_tokens=6),
+                         GenerationConfig(max_new_tokens=6, temperature=1.0, top_k=50, seed=5)):
+            together = side.generate_batch(bb, prompts, settings, keep_logits=True)
+            for prompt, (ids, logits) in zip(prompts, together):
+                alone, alone_logits = side.generate_ids(bb, prompt, settings, use_cache=False, keep_logits=True)
+                assert ids == alone and len(logits) == len(alone_logits) >= 1
+                for a, b in zip(logits, alone_logits):
+                    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+            many = side.generate_many(bb, prompts, GenerationConfig(**{**settings.__dict__, "batch_size": 3}))
+            assert many == [ids for ids, _ in together]
+
+
 def test_an_empty_prompt_without_a_start_token_is_refused(backbones, monkeypatch, tmp_path):
     bb = backbones["qwen2"]
     monkeypatch.setattr(bb, "_prefix", [])  # a tokenizer that adds no start token
@@ -110,7 +134,7 @@ def test_side_cache_steps_equal_the_full_forward_and_keep_only_the_window(backbo
     windows = [block.attn.window for block in side.decoder.blocks]
     assert windows == [6, None]
     assert cache.layers[0].k.shape[2] == 5 and cache.layers[1].k.shape[2] == 15
-    assert cache.layers[0].positions.tolist() == list(range(10, 15))
+    assert cache.layers[0].positions.tolist() == [list(range(10, 15))]
 
 
 def test_backbone_step_states_equal_the_whole_sequence(backbones):
@@ -249,6 +273,7 @@ def test_predict_generate_from_an_instruction_run(tiny, tmp_path, capsys):
         assert list(csv.DictReader(handle)) == [{"text": "Say: dull\n", "generation": texts[1]}]
     capsys.readouterr()
     for flags, needle in ((["--generate", "--text", "x", "--top-p", "2"], "--top-p"), (["--text", "x"], "--generate"),
+                          (["--generate", "--text", "x", "--batch-size", "0"], "--batch-size"),
                           (["--generate", "--cache", str(tmp_path)], "--text")):
         assert main(["--run", str(out), "--device", "cpu", *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -298,16 +298,20 @@ class DecoderBackbone(Backbone):
         return self._hooked_blocks(input_ids, attention_mask, None)[0]
 
     @torch.inference_mode()
-    def step_states(self, input_ids: torch.Tensor, past=None) -> tuple[torch.Tensor, object]:
-        """Generation: states [B, n, 1 + blocks, d] of `input_ids`' n new positions (no padding), run with
-        the model's KV cache `past` (None: a new one; positions continue after its length); returns the cache."""
+    def step_states(self, input_ids: torch.Tensor, past=None, attention_mask: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
+        """Generation: states [B, n, 1 + blocks, d] of `input_ids`' n new positions, run with the model's KV
+        cache `past` (None: a new one); returns the cache. Without a mask, positions continue after the
+        cache's length. A left-padded batch passes `attention_mask` [B, cached + n] (0 on padding) and
+        `position_ids` [B, n] (each row's count of real tokens before it)."""
         if past is None:
             from transformers import DynamicCache
 
             past = DynamicCache(config=self.config)
-        return self._hooked_blocks(input_ids, None, past)
+        return self._hooked_blocks(input_ids, attention_mask, past, position_ids)
 
-    def _hooked_blocks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past) -> tuple[torch.Tensor, object]:
+    def _hooked_blocks(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past,
+                       position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, object]:
         captured: list[torch.Tensor] = []
 
         def first_input(_module, args, kwargs):
@@ -330,7 +334,8 @@ class DecoderBackbone(Backbone):
                 self.text_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
             else:
                 name = cache_argument(type(self.text_model))
-                past = self.text_model(input_ids=input_ids, use_cache=True, **{name: past})[name]
+                past = self.text_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                                       **{name: past})[name]
         finally:
             for hook in hooks:
                 hook.remove()

@@ -31,10 +31,11 @@ is mixed with the backbone's own final state, its last block's output through it
 norm: h = (1 - σ(z)) · up(s) + σ(z) · norm(h_L), z per channel [D], starting at 1.0 as QST's.
 It needs the last backbone block among the side layers (its output is that ladder's input).
 
-Generation (`generate_ids`): the live backbone runs with its KV cache (`DecoderBackbone.step_states`)
-and the side decoder with its own (`SideKVCache`: per block the rotated keys and the values, new
-positions rotated from the cache's length, sliding layers keeping only their window), greedy or
-sampled (`GenerationConfig`); logits over the whole vocabulary at the last position only.
+Generation (`generate_batch`): prompts left-padded together; the live backbone runs with its KV
+cache (`DecoderBackbone.step_states`, given the padding mask and each row's positions) and the side
+decoder with its own (`SideKVCache`: per block the rotated keys and the values, their positions and
+whether each is a real token, sliding layers keeping only their window), greedy or sampled
+(`GenerationConfig`); logits over the whole vocabulary at the last position only.
 
 Pruned init (`init_from_backbone`), chained through every backbone block like T5's: the kept
 residual dims K start from the embedding columns; per block, whole KV groups are kept by the
@@ -221,22 +222,24 @@ class DecoderAttention(nn.Module):
         step = cfg.backbone_head_dim // hd
         self.register_buffer("rope_pairs", torch.arange(0, cfg.backbone_head_dim // 2, step, dtype=torch.long)[: hd // 2])
 
-    def rotary(self, n: int, device: torch.device, dtype: torch.dtype, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [n, head_dim] of positions start .. start + n - 1."""
-        positions = torch.arange(start, start + n, device=device, dtype=torch.float32)
-        freqs = positions[:, None] * self.inv_freq.to(device)[self.rope_pairs][None]
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of integer `positions`: [n, head_dim] for [n], [B, 1, n, head_dim] for [B, n] (one row each)."""
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)[self.rope_pairs]
         emb = torch.cat([freqs, freqs], dim=-1)
+        if emb.dim() == 3:
+            emb = emb[:, None]
         return (emb.cos() * self.rope_factor).to(dtype), (emb.sin() * self.rope_factor).to(dtype)
 
-    def project(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [B, H, n, hd], and k, v [B, KV, n, hd] of x [B, n, d] at positions start.., rotated."""
+    def project(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, n, hd], and k, v [B, KV, n, hd] of x [B, n, d], rotated at `positions` ([n] or per row
+        [B, n]; default 0 .. n - 1)."""
         b, n, _ = x.shape
         q = self.q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.rotary(n, x.device, q.dtype, start)
+        cos, sin = self.rotary(torch.arange(n, device=x.device) if positions is None else positions, q.dtype)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -244,17 +247,18 @@ class DecoderAttention(nn.Module):
         q, k, v = self.project(x)
         return self.attend(q, k, v, mask)
 
-    def step(self, x: torch.Tensor, cache: LayerKV, start: int) -> torch.Tensor:
-        """Generation: x [B, n, d] at positions start.. (no padding) against the cached keys and values
-        and their own; the cache gains them (a sliding layer keeps only the keys its window still reaches)."""
-        q, k, v = self.project(x, start)
-        n = x.shape[1]
-        cache.append(k, v, torch.arange(start, start + n, device=x.device))
-        query = torch.arange(start, start + n, device=x.device)[:, None]
-        keep = cache.positions[None, :] <= query
+    def step(self, x: torch.Tensor, cache: LayerKV, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Generation: x [B, n, d] at per-row `positions` [B, n] (`real` [B, n]: False on left padding)
+        against the cached keys and values and their own; the cache gains them (a sliding layer keeps
+        only the keys its window still reaches). A padding query sees every key: its output is unused."""
+        q, k, v = self.project(x, positions)
+        cache.append(k, v, positions, real)
+        query, key = positions[:, :, None], cache.positions[:, None, :]
+        keep = (key <= query) & cache.real[:, None, :]
         if self.window:
-            keep = keep & (query - cache.positions[None, :] < self.window)
-        mask = torch.zeros(keep.shape, device=x.device).masked_fill(~keep, torch.finfo(torch.float32).min)[None, None]
+            keep = keep & (query - key < self.window)
+        keep = keep | ~real[:, :, None]
+        mask = torch.zeros(keep.shape, device=x.device).masked_fill(~keep, torch.finfo(torch.float32).min)[:, None]
         out = self.attend(q, cache.k, cache.v, mask)
         if self.window:
             cache.keep_last(self.window - 1)
@@ -302,9 +306,9 @@ class DecoderSideBlock(nn.Module):
         """s [B, L, d]; the additive causal masks without and with the sliding window (`context`: unused)."""
         return self.feed_forward(s, self.attn(self.input_norm(s), sliding_mask if self.attn.window else full_mask))
 
-    def step(self, s: torch.Tensor, cache: LayerKV, start: int) -> torch.Tensor:
-        """Generation: the block on new positions start.. with its attention's KV cache."""
-        return self.feed_forward(s, self.attn.step(self.input_norm(s), cache, start))
+    def step(self, s: torch.Tensor, cache: LayerKV, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Generation: the block on new positions with its attention's KV cache (see `DecoderAttention.step`)."""
+        return self.feed_forward(s, self.attn.step(self.input_norm(s), cache, positions, real))
 
     def feed_forward(self, s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """The rest of the block after attention's output h."""
@@ -341,47 +345,58 @@ class DecoderLadderStack(LadderStack):
         full = causal_mask(mask)
         return full, causal_mask(mask, self.window) if self.window else full
 
-    def step(self, states: torch.Tensor, cache: SideKVCache) -> torch.Tensor:
-        """Generation: side states [B, n, d] of the n new positions' ladder inputs [B, n, 1 + layers, D]
-        (no padding), continuing the sequence `cache` holds; as `forward` on the whole sequence, at those positions."""
-        start = cache.length
+    def step(self, states: torch.Tensor, cache: SideKVCache, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Generation: side states [B, n, d] of the n new positions' ladder inputs [B, n, 1 + layers, D],
+        continuing the sequences `cache` holds; as `forward` on each whole sequence, at those positions.
+        `real` [B, n] (default all True) is False on left padding, which takes no position."""
+        b, n = states.shape[:2]
+        if real is None:
+            real = torch.ones(b, n, dtype=torch.bool, device=states.device)
         if not cache.layers:
             cache.layers = [LayerKV() for _ in self.blocks]
+            cache.seen = torch.zeros(b, dtype=torch.long, device=states.device)
+        positions = (cache.seen[:, None] + real.long().cumsum(1) - 1).clamp(min=0)
         s = ladder_projection(self.down_emb, states[:, :, 0], self.drop)
         for j, block in enumerate(self.blocks):
             mu = torch.sigmoid(self.gate_alpha[j] / self.cfg.gate_temperature)
             s = mu * s + (1 - mu) * ladder_projection(self.ladders[j], states[:, :, j + 1])
-            s = block.step(s, cache.layers[j], start)
-        cache.length += states.shape[1]
+            s = block.step(s, cache.layers[j], positions, real)
+        cache.length += n
+        cache.seen = cache.seen + real.long().sum(1)
         return self.drop(self.final_norm(s))
 
 
 class LayerKV:
-    """One side block's cached attention keys (rotated) and values [B, KV, m, hd], and their positions [m]."""
+    """One side block's cached attention keys (rotated) and values [B, KV, m, hd], their positions [B, m]
+    and whether each is a real token [B, m] (False: left padding)."""
 
     def __init__(self):
-        self.k = self.v = self.positions = None
+        self.k = self.v = self.positions = self.real = None
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, real: torch.Tensor) -> None:
         if self.k is None:
-            self.k, self.v, self.positions = k, v, positions
+            self.k, self.v, self.positions, self.real = k, v, positions, real
         else:
             self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
-            self.positions = torch.cat([self.positions, positions])
+            self.positions, self.real = torch.cat([self.positions, positions], 1), torch.cat([self.real, real], 1)
 
     def keep_last(self, m: int) -> None:
-        """Drop all but the last m positions (a sliding window's next queries reach no further back)."""
-        drop = self.positions.shape[0] - m
+        """Drop all but the last m columns (every row's last m tokens: a sliding window's next queries
+        reach no further back; padding is only ever at the start)."""
+        drop = self.positions.shape[1] - m
         if drop > 0:
-            self.k, self.v, self.positions = self.k[:, :, drop:], self.v[:, :, drop:], self.positions[drop:]
+            self.k, self.v = self.k[:, :, drop:], self.v[:, :, drop:]
+            self.positions, self.real = self.positions[:, drop:], self.real[:, drop:]
 
 
 @dataclass
 class SideKVCache:
-    """The side decoder's generation cache: per block its `LayerKV`, and the positions seen so far."""
+    """The side decoder's generation cache: per block its `LayerKV`; the columns fed so far (`length`)
+    and each row's real tokens among them (`seen` [B])."""
 
     length: int = 0
     layers: list[LayerKV] = field(default_factory=list)
+    seen: torch.Tensor | None = None
 
 
 class DecoderSideNetwork(SideNetwork):
@@ -617,19 +632,24 @@ class DecoderSideNetwork(SideNetwork):
         positions = [0] + [i + 1 for i in self.cfg.decoder_layers]
         return states[:, :, positions].to(torch.bfloat16).to(self.lm_head.device)
 
+    def check_generation(self, prompts: list[list[int]], settings: GenerationConfig) -> None:
+        if self.cfg.head == "last":
+            raise UserError("this side network was trained with a last-token head: it has no language-model output "
+                            "to generate from; generate with a label-word or instruction-tuned run")
+        if not prompts or any(not p for p in prompts):
+            raise UserError("the prompt is empty and the tokenizer adds no start token; give a text to continue")
+        settings.check()
+
     @torch.no_grad()
     def generate_ids(self, backbone: Backbone, prompt: list[int], settings: GenerationConfig, use_cache: bool = True,
                      keep_logits: bool = False, head: torch.Tensor | None = None) -> tuple[list[int], list[torch.Tensor]]:
         """Continue one prompt's ids: (the new ids, stopping after an end token, and with `keep_logits` each
-        step's logits [V]). `use_cache`: the backbone and the side decoder each keep their KV cache and run
-        only the new token per step; without it every step recomputes the whole sequence (the reference).
-        `head`: `full_head(backbone)`, built once by callers that generate for many prompts."""
-        if self.cfg.head == "last":
-            raise UserError("this side network was trained with a last-token head: it has no language-model output "
-                            "to generate from; generate with a label-word or instruction-tuned run")
-        if not prompt:
-            raise UserError("the prompt is empty and the tokenizer adds no start token; give a text to continue")
-        settings.check()
+        step's logits [V]). `use_cache`: `generate_batch` of this one prompt (the backbone and the side decoder
+        each keep their KV cache and run only the new token per step); without it every step recomputes the
+        whole sequence (the reference). `head`: `full_head(backbone)`, built once by callers that reuse it."""
+        if use_cache:
+            return self.generate_batch(backbone, [prompt], settings, keep_logits, head)[0]
+        self.check_generation([prompt], settings)
         self.eval()
         head = self.full_head(backbone) if head is None else head
         stops = set(backbone.stop_token_ids())
@@ -637,19 +657,11 @@ class DecoderSideNetwork(SideNetwork):
         ids = list(prompt)
         new: list[int] = []
         logits_seen: list[torch.Tensor] = []
-        past, side_cache = None, SideKVCache()
-        step_ids = torch.tensor([ids], device=backbone.device)
         for _ in range(settings.max_new_tokens):
-            if use_cache:
-                full, past = backbone.step_states(step_ids, past)
-                states = self.ladder_inputs(full)
-                s = self.decoder.step(states, side_cache)[:, -1]
-            else:
-                sequence = torch.tensor([ids], device=backbone.device)
-                with torch.inference_mode():
-                    full = backbone.run_blocks(sequence, None)
-                states = self.ladder_inputs(full)
-                s = self.decoder(states, torch.ones(states.shape[:2], dtype=torch.bool, device=states.device))[:, -1]
+            with torch.inference_mode():
+                full = backbone.run_blocks(torch.tensor([ids], device=backbone.device), None)
+            states = self.ladder_inputs(full)
+            s = self.decoder(states, torch.ones(states.shape[:2], dtype=torch.bool, device=states.device))[:, -1]
             logits = self.vocabulary_logits(s, states[:, -1, -1] if self.cfg.merge_final else None, head)[0]
             if keep_logits:
                 logits_seen.append(logits.cpu())
@@ -658,8 +670,73 @@ class DecoderSideNetwork(SideNetwork):
                 break
             new.append(token)
             ids.append(token)
-            step_ids = torch.tensor([[token]], device=backbone.device)
         return new, logits_seen
+
+    @torch.no_grad()
+    def generate_batch(self, backbone: Backbone, prompts: list[list[int]], settings: GenerationConfig,
+                       keep_logits: bool = False, head: torch.Tensor | None = None) -> list[tuple[list[int], list[torch.Tensor]]]:
+        """Continue several prompts together, left-padded, with the backbone's and the side decoder's KV
+        caches; each step runs only the new tokens. For each prompt: (its new ids, stopping after an end
+        token, and with `keep_logits` each step's logits [V]), as it would alone up to float rounding. Each
+        row samples from its own generator seeded with `settings.seed`, as a lone prompt does."""
+        self.check_generation(prompts, settings)
+        self.eval()
+        head = self.full_head(backbone) if head is None else head
+        stops = set(backbone.stop_token_ids())
+        device, rows, width = backbone.device, len(prompts), max(len(p) for p in prompts)
+        step_ids = torch.tensor([[p[0]] * (width - len(p)) + list(p) for p in prompts], device=device)  # padding: masked
+        step_real = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=device)
+        padded = not bool(step_real.all())
+        seen_mask = step_real.long()  # the backbone's attention mask over every column fed so far
+        generators = [torch.Generator().manual_seed(settings.seed) for _ in prompts]
+        out: list[tuple[list[int], list[torch.Tensor]]] = [([], []) for _ in prompts]
+        running = [True] * rows
+        past, side_cache = None, SideKVCache()
+        for _ in range(settings.max_new_tokens):
+            if padded:  # each row's positions count its real tokens only
+                positions = (seen_mask.cumsum(1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+                full, past = backbone.step_states(step_ids, past, seen_mask, positions)
+            else:
+                full, past = backbone.step_states(step_ids, past)
+            states = self.ladder_inputs(full)
+            s = self.decoder.step(states, side_cache, step_real.to(states.device))[:, -1]
+            logits = self.vocabulary_logits(s, states[:, -1, -1] if self.cfg.merge_final else None, head)
+            tokens = []
+            for row in range(rows):
+                token = prompts[row][-1]  # a finished row is fed anything: rows never see each other
+                if running[row]:
+                    if keep_logits:
+                        out[row][1].append(logits[row].cpu())
+                    token = next_token(logits[row], settings, generators[row])
+                    if token in stops:
+                        running[row] = False
+                    else:
+                        out[row][0].append(token)
+                tokens.append(token)
+            if not any(running):
+                break
+            step_ids = torch.tensor(tokens, device=device)[:, None]
+            step_real = torch.ones(rows, 1, dtype=torch.bool, device=device)
+            seen_mask = torch.cat([seen_mask, torch.ones(rows, 1, dtype=torch.long, device=device)], 1)
+        return out
+
+    def generate_many(self, backbone: Backbone, prompts: list[list[int]], settings: GenerationConfig,
+                      head: torch.Tensor | None = None, progress: str | None = None) -> list[list[int]]:
+        """The new ids of every prompt, `settings.batch_size` prompts of similar length at a time
+        (`progress`: a tqdm label, shown for four prompts or more)."""
+        from tqdm import tqdm
+
+        head = self.full_head(backbone) if head is None else head
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        new: list[list[int]] = [[] for _ in prompts]
+        bar = tqdm(total=len(prompts), desc=progress, unit="prompt", disable=progress is None or len(prompts) < 4)
+        for at in range(0, len(order), settings.batch_size):
+            chunk = order[at : at + settings.batch_size]
+            for i, (ids, _) in zip(chunk, self.generate_batch(backbone, [prompts[i] for i in chunk], settings, head=head)):
+                new[i] = ids
+            bar.update(len(chunk))
+        bar.close()
+        return new
 
     @torch.no_grad()
     def generate_values(self, source, rows, device: torch.device, spec: TaskSpec) -> np.ndarray:
@@ -674,10 +751,9 @@ class DecoderSideNetwork(SideNetwork):
         words = self.cfg.candidate_tokens
         settings = GenerationConfig(max_new_tokens=max(len(w) for w in words))
         by_length = sorted(range(len(words)), key=lambda i: -len(words[i]))
+        prompts = [source.plan.inputs["decoder"]["input_ids"][int(row)] for row in rows]
         values = []
-        head = self.full_head(backbone)
-        for row in rows:
-            new, _ = self.generate_ids(backbone, source.plan.inputs["decoder"]["input_ids"][int(row)], settings, head=head)
+        for new in self.generate_many(backbone, prompts, settings):
             match = next((i for i in by_length if new[: len(words[i])] == words[i]), None)
             values.append(-1.0 if match is None else self.cfg.candidate_values[match])
         return np.array(values, dtype=np.float64)
@@ -685,16 +761,11 @@ class DecoderSideNetwork(SideNetwork):
     def generate_texts(self, backbone: Backbone, inputs: list[list[str]], spec: TaskSpec, max_length: int,
                        settings: GenerationConfig) -> list[str]:
         """Generated continuations of raw inputs (instruction tasks: one prompt each; else the task's text
-        fields, rendered with its prompt template), one prompt at a time."""
-        from tqdm import tqdm
-
-        out = []
-        head = self.full_head(backbone)  # one float32 copy of the whole head for every prompt
-        for fields in tqdm(inputs, desc="generate", unit="prompt", disable=len(inputs) < 4):
-            prompt = backbone.generation_prompt_ids(fields, spec, max_length)
-            new, _ = self.generate_ids(backbone, prompt, settings, head=head)
-            out.append(backbone.tokenizer.decode(new, skip_special_tokens=True))
-        return out
+        fields, rendered with its prompt template), `settings.batch_size` prompts at a time."""
+        prompts = [backbone.generation_prompt_ids(fields, spec, max_length) for fields in inputs]
+        # one float32 copy of the whole head for every prompt
+        new = self.generate_many(backbone, prompts, settings, self.full_head(backbone), progress="generate")
+        return [backbone.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
 
     # --- pruned init ----------------------------------------------------------------------
 
