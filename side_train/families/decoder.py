@@ -686,18 +686,14 @@ class DecoderSideNetwork(SideNetwork):
         device, rows, width = backbone.device, len(prompts), max(len(p) for p in prompts)
         step_ids = torch.tensor([[p[0]] * (width - len(p)) + list(p) for p in prompts], device=device)  # padding: masked
         step_real = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts], device=device)
-        padded = not bool(step_real.all())
         seen_mask = step_real.long()  # the backbone's attention mask over every column fed so far
         generators = [torch.Generator().manual_seed(settings.seed) for _ in prompts]
         out: list[tuple[list[int], list[torch.Tensor]]] = [([], []) for _ in prompts]
         running = [True] * rows
         past, side_cache = None, SideKVCache()
         for _ in range(settings.max_new_tokens):
-            if padded:  # each row's positions count its real tokens only
-                positions = (seen_mask.cumsum(1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
-                full, past = backbone.step_states(step_ids, past, seen_mask, positions)
-            else:
-                full, past = backbone.step_states(step_ids, past)
+            positions = (seen_mask.cumsum(1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]  # each row counts its real tokens
+            full, past = backbone.step_states(step_ids, past, seen_mask, positions)  # an all-ones mask is dropped
             states = self.ladder_inputs(full)
             s = self.decoder.step(states, side_cache, step_real.to(states.device))[:, -1]
             logits = self.vocabulary_logits(s, states[:, -1, -1] if self.cfg.merge_final else None, head)
