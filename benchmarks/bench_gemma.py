@@ -18,6 +18,8 @@ CACHE is `python -m backbone_cache.extract --model GEMMA_DIR --gguf-file ... --l
   same backbone with the same label-word scoring as LST (`DecoderTuned`), trained for the same
   epochs (steps = epochs x batches per epoch) and scored on validation and test.
 
+The probe's and LoRA's test predictions are kept in gemma.json, for benchmarks/paired_test.py.
+
 Training memory per arm: side_train.memory's accounting (parameters, gradients, AdamW state,
 saved tensors, the batch) of one step at --batch-size on the longest training examples,
 counted on the CPU (as side_train.compare does), plus each run's peak RSS where it reports one.
@@ -61,7 +63,8 @@ def run_lst(cache: str, out: Path, epochs: int, batch: int, *extra: str) -> dict
 
 
 def compare_config(args, *extra: str):
-    return C.parse_args(["--model", args.model, *(["--gguf-file", args.gguf_file] if args.gguf_file else []), "--limit", str(args.limit),
+    limit = ["--limit", str(args.limit)] if args.limit else []
+    return C.parse_args(["--model", args.model, *(["--gguf-file", args.gguf_file] if args.gguf_file else []), *limit,
                          "--batch-size", str(args.batch_size), "--eval-batch-size", "64", "--device", "cpu", "--init", "magnitude",
                          "--quiet", "--out", str(Path(args.out) / "compare"), *extra])
 
@@ -128,7 +131,7 @@ def probe(args) -> dict:
         with torch.no_grad():
             acc = {s: 100 * float((head(z[s]).argmax(-1) == labels[s]).float().mean()) for s in z}
         if best is None or acc["validation"] > best["validation"]:
-            best = {**acc, "l2": l2}
+            best = {**acc, "l2": l2, "test_predictions": head(z["test"]).argmax(-1).tolist()}  # in the cache's order
     best["seconds"] = round(time.perf_counter() - start, 1)
     best["feature_bytes"] = int(sum(f.numel() * 4 for f in features.values()))
     best["trainable_parameters"] = z["train"].shape[1] * 2 + 2
@@ -143,7 +146,8 @@ def lora(args) -> dict:
     config.train_steps = steps
     config.quiet = False
     start = time.perf_counter()
-    out = R.train_and_evaluate("lora", config, spec, plans, torch.device("cpu"), reference, ("random", None))
+    out = R.train_and_evaluate("lora", config, spec, plans, torch.device("cpu"), reference, ("random", None), keep_predictions=True)
+    out["test_ids"] = [ex.example_id for ex in plans["test"].examples]
     out["wall_seconds"] = round(time.perf_counter() - start, 1)
     out["steps"] = steps
     out["seconds_per_epoch"] = round(out["train_seconds"] / args.epochs, 1)
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--gguf-file", default=None)
     p.add_argument("--cache", required=True)
-    p.add_argument("--limit", type=int, required=True, help="the --limit the cache was extracted with")
+    p.add_argument("--limit", type=int, default=None, help="the --limit the cache was extracted with (default: none, every example)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--arms", default="probe,lst-words,lst-last,live-epoch,merge-final,lora")

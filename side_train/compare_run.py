@@ -409,15 +409,14 @@ def train_module(method: str, module: nn.Module, source, lengths: np.ndarray, sp
 
 
 @torch.no_grad()
-def evaluate_baseline(module: nn.Module, plan: SplitPlan, stacks: tuple[str, ...], spec: TaskSpec, device: torch.device,
-                      batch_size: int) -> dict:
-    """The metrics of the module's predicted label values over a split."""
+def predict_baseline(module: nn.Module, plan: SplitPlan, stacks: tuple[str, ...], device: torch.device,
+                     batch_size: int) -> np.ndarray:
+    """The module's predicted label value for every example of a split, in the plan's order."""
     module.eval()
     predictions = np.zeros(plan.num_examples)
     for rows in eval_batches(plan.num_examples, batch_size):
         predictions[rows] = module.predict(token_inputs(plan, rows, stacks).to(device)).numpy()
-    labels = np.array([float(ex.label) for ex in plan.examples])
-    return compute_metrics(spec.metrics, predictions, labels)
+    return predictions
 
 
 def cache_for_training(config: CompareConfig, plans: dict[str, SplitPlan]) -> Path:
@@ -454,11 +453,13 @@ def lst_sources(config: CompareConfig, prepared: Prepared, reference: Backbone, 
 
 
 def train_and_evaluate(method: str, config: CompareConfig, spec: TaskSpec, plans: dict[str, SplitPlan], device: torch.device,
-                       reference: Backbone, lst_init: tuple[str, dict | None]) -> dict:
+                       reference: Backbone, lst_init: tuple[str, dict | None], keep_predictions: bool = False) -> dict:
     """Train `method` for `config.train_steps` on the training split, then score validation and test.
 
-    `reference` supplies the family and the tokenizer and holds no weights."""
-    from side_train.evaluate import evaluate
+    `reference` supplies the family and the tokenizer and holds no weights. With `keep_predictions`,
+    each split's metrics also hold "predictions": the predicted label value of every example, in order
+    (for paired comparisons between methods)."""
+    from side_train.evaluate import evaluate, predict
 
     cfg = config.train_config(method)
     train_plan = plans["train"]
@@ -470,14 +471,19 @@ def train_and_evaluate(method: str, config: CompareConfig, spec: TaskSpec, plans
         module = prepared.module
         source = TokenSource(train_plan, network.train_stacks)
         out["train_seconds"], out["train_loss_last"] = train_module(method, module, source, train_plan.lengths, spec, cfg, device)
-        for split in evals:
-            out[split] = evaluate_baseline(module, plans[split], network.eval_stacks, spec, device, cfg.eval_batch_size)
-        return out
-    side = side_network(prepared.module)
-    sources = lst_sources(config, prepared, reference, spec, plans)
-    out["train_seconds"], out["train_loss_last"] = train_module(method, side, sources["train"], train_plan.lengths, spec, cfg, device)
+        values = {s: predict_baseline(module, plans[s], network.eval_stacks, device, cfg.eval_batch_size) for s in evals}
+    else:
+        side = side_network(prepared.module)
+        sources = lst_sources(config, prepared, reference, spec, plans)
+        out["train_seconds"], out["train_loss_last"] = train_module(method, side, sources["train"], train_plan.lengths, spec, cfg,
+                                                                    device)
+        if spec.label_kind == "lm":  # scored by the response tokens' loss: no predicted values
+            return {**out, **{s: evaluate(side, sources[s], spec, device, cfg.eval_batch_size) for s in evals}}
+        values = {s: predict(side, sources[s], spec, device, cfg.eval_batch_size) for s in evals}
     for split in evals:
-        out[split] = evaluate(side, sources[split], spec, device, cfg.eval_batch_size)
+        out[split] = compute_metrics(spec.metrics, values[split], np.array([float(ex.label) for ex in plans[split].examples]))
+        if keep_predictions:
+            out[split]["predictions"] = values[split].tolist()
     return out
 
 

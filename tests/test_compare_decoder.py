@@ -258,3 +258,20 @@ def test_trained_arms_beat_chance_on_the_easy_task(decoders, task_files, tmp_pat
     cached, live = rows["lst-cached"], rows["lst-live"]
     assert float(live["train_loss_last"]) == pytest.approx(float(cached["train_loss_last"]), rel=2e-2)
     assert abs(float(live["test_score"]) - float(cached["test_score"])) <= 100 / 32 + 1e-6
+
+
+@pytest.mark.parametrize("method", ["lora", "lst-cached"])
+def test_kept_predictions_give_the_reported_scores(decoders, task_files, tmp_path, method):
+    """train_and_evaluate(keep_predictions=True): one label value per example, in order, whose
+    accuracy is the split's reported score (what benchmarks pair between methods)."""
+    config, spec, plans = setup(decoders["llama"], task_files, "--out", str(tmp_path), "--quiet", "--train-steps", "3")
+    reference = R.fresh_backbone(config, torch.device("meta"))
+    out = R.train_and_evaluate(method, config, spec, plans, torch.device("cpu"), reference, ("random", None),
+                               keep_predictions=True)
+    for split in ("validation", "test"):
+        predictions = np.array(out[split]["predictions"])
+        labels = np.array([float(ex.label) for ex in plans[split].examples])
+        assert predictions.shape == (SIZES[split],) and set(predictions) <= {0.0, 1.0}
+        assert out[split]["accuracy"] == pytest.approx(100 * float((predictions == labels).mean()))
+    assert "predictions" not in R.train_and_evaluate(method, config, spec, plans, torch.device("cpu"), reference,
+                                                     ("random", None))["test"]
