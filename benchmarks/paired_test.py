@@ -8,7 +8,8 @@ McNemar test on the examples where exactly one of two methods is right.
 - The frozen probe and LoRA: the test predictions bench_gemma.py keeps in gemma.json, where it ran
   those arms (the probe in the cache's order, LoRA with its example ids, checked against the cache's).
 
-Every pair (each run against the probe and against LoRA, and LoRA against the probe) gets a row:
+Each method's test accuracy, then a row for every pair (each run against the probe and against
+LoRA, and LoRA against the probe):
 both accuracies, A right and B wrong, B right and A wrong, and the two-sided exact binomial p-value
 of the split of those discordant examples (McNemar's exact test).
 """
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                              "the --limit the cache was extracted with")
         predictions["LoRA"] = np.asarray(bench["lora"]["test"]["predictions"]).astype(int)
     for item in args.run:
-        name, _, folder = item.rpartition("=")
-        predictions[name or folder] = run_predictions(Path(folder), args.cache, label_names)
+        name, _, folder = ("", "", item) if Path(item).exists() else item.partition("=")  # run folders' names hold "="
+        predictions[name or Path(folder).name] = run_predictions(Path(folder), args.cache, label_names)
     for name, values in predictions.items():
         if values.shape != labels.shape:
             raise SystemExit(f"error: {name} has {len(values)} test predictions, the cache {len(labels)}")
@@ -81,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [(a, b) for a in right if a not in baselines for b in baselines]
     if "LoRA" in right and "probe" in right:
         pairs.append(("LoRA", "probe"))
-    lines = [f"Test split: {len(labels)} examples of {args.cache}.", "",
-             "| A | B | A accuracy | B accuracy | A right, B wrong | B right, A wrong | exact McNemar p |",
+    lines = [f"Test split: {len(labels)} examples of {args.cache}.", "", "| method | test accuracy |", "|---|---|"]
+    lines += [f"| {name} | {100 * r.mean():.2f} |" for name, r in right.items()]
+    lines += ["", "| A | B | A accuracy | B accuracy | A right, B wrong | B right, A wrong | exact McNemar p |",
              "|---|---|---|---|---|---|---|"]
     for a, b in pairs:
         only_a, only_b, p_value = mcnemar_exact(right[a], right[b])
