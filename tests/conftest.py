@@ -12,6 +12,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist (pyproject's addopts): one torch thread per worker, and for the CLIs a test starts,
+    # so that the workers share the cores instead of oversubscribing them
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 from make_tiny_t5 import make_tiny_t5  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -93,7 +93,8 @@ def test_batched_generation_equals_each_prompt_alone(backbones, kind):
                 alone, alone_logits = side.generate_ids(bb, prompt, settings, use_cache=False, keep_logits=True)
                 assert ids == alone and len(logits) == len(alone_logits) >= 1
                 for a, b in zip(logits, alone_logits):
-                    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+                    # float32 rounding differs with the padding and the mask: judged against the logits' scale
+                    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
             many = side.generate_many(bb, prompts, GenerationConfig(**{**settings.__dict__, "batch_size": 3}))
             assert many == [ids for ids, _ in together]
 
