@@ -66,7 +66,7 @@ def compare_config(args, *extra: str):
     limit = ["--limit", str(args.limit)] if args.limit else []
     return C.parse_args(["--model", args.model, *(["--gguf-file", args.gguf_file] if args.gguf_file else []), *limit,
                          "--batch-size", str(args.batch_size), "--eval-batch-size", "64", "--device", "cpu", "--init", "magnitude",
-                         "--quiet", "--out", str(Path(args.out) / "compare"), *extra])
+                         "--seed", str(args.seed), "--quiet", "--out", str(Path(args.out) / "compare"), *extra])
 
 
 def accounted_memory(args, method: str, *extra: str) -> dict:
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", required=True)
     p.add_argument("--limit", type=int, default=None, help="the --limit the cache was extracted with (default: none, every example)")
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="the LoRA arm's seed (its init, dropout and batch order; the LST arms keep side_train.run's seed 0)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--arms", default="probe,lst-words,lst-last,live-epoch,merge-final,lora")
     p.add_argument("--lst-lr", type=float, default=None, help="side_train.run --lr for the LST arms (default: its default)")
