@@ -131,8 +131,62 @@ def choose_tier(manifest: dict, cfg: SideConfig, device: torch.device, tier: str
     need = sum(state_bytes(manifest, s, cfg) for s in manifest["splits"])
     if device.type == "cuda" and need < 0.5 * torch.cuda.mem_get_info(device)[0]:
         return "gpu"
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return "ram" if need * local_world_size() < 0.5 * available else "disk"
+    return "ram" if need * local_world_size() < 0.5 * available_host_memory() else "disk"
+
+
+def available_host_memory(meminfo_path: str = "/proc/meminfo", cgroup_path: str = "/proc/self/cgroup",
+                          cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """Bytes of host memory a new allocation can take without swapping: Linux's MemAvailable (free
+    memory plus the page cache it can drop, such as a just-extracted cache's files), else free pages;
+    no more than this process's cgroup memory limit leaves (a container's, a Slurm job's)."""
+    host = None
+    try:
+        with open(meminfo_path) as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    host = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if host is None:
+        host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    limited = cgroup_available_memory(cgroup_path, cgroup_root)
+    return host if limited is None else min(host, limited)
+
+
+def cgroup_available_memory(cgroup_path: str = "/proc/self/cgroup", cgroup_root: str = "/sys/fs/cgroup") -> int | None:
+    """What this process's cgroup memory limit leaves (v2 memory.max, or v1 memory.limit_in_bytes): the
+    limit less the usage, not counting the inactive page cache the kernel can drop; None without a limit."""
+    from pathlib import Path
+
+    def number(path: Path, key: str | None = None) -> int | None:
+        try:
+            text = path.read_text()
+            if key is not None:
+                text = next((line.split()[1] for line in text.splitlines() if line.split()[:1] == [key]), "")
+            return int(text.strip())
+        except (OSError, ValueError):
+            return None
+
+    try:
+        lines = Path(cgroup_path).read_text().splitlines()
+    except OSError:
+        return None
+    left = []
+    for line in lines:
+        _, controllers, group = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            names, base = ("memory.max", "memory.current", "inactive_file"), Path(cgroup_root)
+        elif "memory" in controllers.split(","):
+            names, base = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"), Path(cgroup_root) / "memory"
+        else:
+            continue
+        for folder in (base / group.lstrip("/"), base):  # the process's group, or the namespace's own root
+            limit, usage = number(folder / names[0]), number(folder / names[1])
+            if limit is not None and usage is not None:
+                if limit < 1 << 60:  # v2 writes "max" (not a number) and v1 a huge one when unlimited
+                    left.append(limit - usage + (number(folder / "memory.stat", names[2]) or 0))
+                break
+    return max(0, min(left)) if left else None
 
 
 def reader_mode(text: str) -> str | int:

@@ -372,8 +372,9 @@ def slow_scores(side: DecoderSideNetwork, bb: DecoderBackbone, example: Example,
     for word in cfg.candidate_tokens:
         ids = torch.tensor([prompt + word])
         states = bb.states({"decoder": {"input_ids": ids, "attention_mask": torch.ones_like(ids)}})["decoder"]
-        s = side.decoder(states[:, :, positions].bfloat16(), torch.ones_like(ids, dtype=torch.bool))
-        logits = side.upsample(s)[0] @ head.t()  # [L, V]: every word of the vocabulary
+        ladder = states[:, :, positions].bfloat16()
+        s = side.decoder(ladder, torch.ones_like(ids, dtype=torch.bool))
+        logits = side.output(s, ladder[:, :, -1] if cfg.merge_final else None)[0] @ head.t()  # [L, V]: every word
         total = logits[len(prompt) - 1, firsts].log_softmax(-1)[firsts.index(word[0])]
         for j in range(1, len(word)):
             total = total + logits[len(prompt) + j - 1, vocabulary].log_softmax(-1)[vocabulary.index(word[j])]
@@ -381,14 +382,21 @@ def slow_scores(side: DecoderSideNetwork, bb: DecoderBackbone, example: Example,
     return torch.stack(out)
 
 
-def test_candidate_scoring_equals_the_slow_log_likelihood(backbones):
-    """Scores from the cached layout (prompt stack + candidates stack, only the candidates' head rows) equal
-    each candidate's log-likelihood computed one sequence at a time with full-vocabulary logits."""
+@pytest.mark.parametrize("kind,merge_final", [("gemma3", False), ("mistral", False), ("gemma3", True)])
+def test_candidate_scoring_equals_the_slow_log_likelihood(backbones, kind, merge_final):
+    """Scores from the cached layout (prompt stack + candidates stack, only the candidates' head rows; the
+    prompt run once and each word continuing its KV cache, across the sliding window; words of different
+    lengths, so some are padded) equal each candidate's log-likelihood computed one sequence at a time
+    with full-vocabulary logits."""
+    from dataclasses import replace
+
     from backbone_cache.importance import magnitude_scores
     from side_train.data import LiveSplit
 
-    bb, spec = backbones["gemma3"], word_task()
-    cfg = DecoderSideNetwork.config_for(bb, spec, SideOptions(reduction=2))
+    bb = backbones[kind]
+    spec = replace(word_task(), label_names=["terrible film", "wonderful film", "a truly wonderful little film"])
+    cfg = DecoderSideNetwork.config_for(bb, spec, SideOptions(reduction=2, merge_final=merge_final))
+    assert len({len(w) for w in cfg.candidate_tokens}) > 1
     torch.manual_seed(0)
     side = DecoderSideNetwork(cfg, bb.lm_head()[0].detach().float())
     side.init_projections(std=0.2)
@@ -399,6 +407,8 @@ def test_candidate_scoring_equals_the_slow_log_likelihood(backbones):
     plan, _ = token_batch(bb, examples, spec, with_candidates=True)
     source = LiveSplit(bb, plan, {s: cfg.stack_layers()[s] for s in side.eval_stacks})
     batch = source.batch(np.arange(6))
+    lengths = batch.masks["decoder"].sum(1).tolist()
+    assert len(set(lengths)) > 1 and min(lengths) > side.decoder.window == 6  # padding to move; words past the window
     fast = side.score_candidates(batch)
     slow = torch.stack([slow_scores(side, bb, ex, spec) for ex in plan.examples])
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)

@@ -106,3 +106,54 @@ def test_gpu_tier_without_a_gpu_is_one_line(t5_cache, tmp_path):
     proc = run_cli("side_train.run", "--cache", str(t5_cache), "--out", str(tmp_path / "r"), "--device", "cpu", "--tier", "gpu",
                    check=False)
     assert_one_line_error(proc, "--tier gpu needs --device cuda")
+
+
+def test_auto_tier_counts_the_page_cache_the_kernel_can_drop(tmp_path, monkeypatch):
+    """auto takes RAM when the states fit in half of MemAvailable (free pages plus reclaimable page cache,
+    which a just-extracted cache fills), not half of the free pages alone, and never more than the
+    process's cgroup memory limit leaves."""
+    from types import SimpleNamespace
+
+    from side_train import recipe
+
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal:       24683584 kB\nMemFree:         1000 kB\nMemAvailable:   19001168 kB\nCached: 8053256 kB\n")
+    nothing = str(tmp_path / "no-cgroup")
+    assert recipe.available_host_memory(str(info), nothing) == 19001168 * 1024
+    info.write_text("MemTotal:       24683584 kB\nMemFree:         1000 kB\n")  # an old kernel: free pages
+    monkeypatch.setattr(recipe.os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 5, "SC_PAGE_SIZE": 4096}[name])
+    assert recipe.available_host_memory(str(info), nothing) == 5 * 4096
+    assert recipe.available_host_memory(str(tmp_path / "missing"), nothing) == 5 * 4096
+
+    # a container's or job's cgroup limit caps it: v2 (limit less usage, inactive page cache given back) and v1
+    v2 = tmp_path / "v2"
+    (v2 / "job").mkdir(parents=True)
+    (v2 / "job" / "memory.max").write_text("8000000\n")
+    (v2 / "job" / "memory.current").write_text("5000000\n")
+    (v2 / "job" / "memory.stat").write_text("anon 3000000\ninactive_file 1000000\n")
+    (tmp_path / "cg2").write_text("0::/job\n")
+    assert recipe.cgroup_available_memory(str(tmp_path / "cg2"), str(v2)) == 4000000
+    info.write_text("MemAvailable:   19001168 kB\n")
+    assert recipe.available_host_memory(str(info), str(tmp_path / "cg2"), str(v2)) == 4000000
+    (v2 / "job" / "memory.max").write_text("max\n")
+    assert recipe.cgroup_available_memory(str(tmp_path / "cg2"), str(v2)) is None
+    assert recipe.available_host_memory(str(info), str(tmp_path / "cg2"), str(v2)) == 19001168 * 1024
+    v1 = tmp_path / "v1" / "memory"  # the group's folder is not visible from inside the namespace: its root is read
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("6000000\n")
+    (v1 / "memory.usage_in_bytes").write_text("2000000\n")
+    (v1 / "memory.stat").write_text("cache 500\ntotal_inactive_file 500000\n")
+    (tmp_path / "cg1").write_text("4:memory:/process_api/abc\n3:cpuset:/\n0::/\n")
+    assert recipe.cgroup_available_memory(str(tmp_path / "cg1"), str(tmp_path / "v1")) == 4500000
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "unlimited"
+    assert recipe.cgroup_available_memory(str(tmp_path / "cg1"), str(tmp_path / "v1")) is None
+
+    manifest = {"splits": {"train": {"stacks": {"encoder": {"num_tokens": 1000}}}}, "model": {"d_model": 64}}
+    cfg = SimpleNamespace(stack_layers=lambda: {"encoder": [0, 1]})
+    need = 1000 * 3 * 64 * 2
+    assert recipe.state_bytes(manifest, "train", cfg) == need
+    monkeypatch.setattr(recipe, "available_host_memory", lambda: 3 * need)
+    assert recipe.choose_tier(manifest, cfg, torch.device("cpu")) == "ram"
+    monkeypatch.setattr(recipe, "available_host_memory", lambda: 1.5 * need)
+    assert recipe.choose_tier(manifest, cfg, torch.device("cpu")) == "disk"
+    assert recipe.choose_tier(manifest, cfg, torch.device("cpu"), "ram") == "ram"  # an explicit tier is taken as given

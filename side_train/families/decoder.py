@@ -248,7 +248,7 @@ class DecoderAttention(nn.Module):
         return self.attend(q, k, v, mask)
 
     def step(self, x: torch.Tensor, cache: LayerKV, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """Generation: x [B, n, d] at per-row `positions` [B, n] (`real` [B, n]: False on left padding)
+        """Generation: x [B, n, d] at per-row `positions` [B, n] (`real` [B, n]: False on padding)
         against the cached keys and values and their own; the cache gains them (a sliding layer keeps
         only the keys its window still reaches). A padding query sees every key: its output is unused."""
         q, k, v = self.project(x, positions)
@@ -348,7 +348,8 @@ class DecoderLadderStack(LadderStack):
     def step(self, states: torch.Tensor, cache: SideKVCache, real: torch.Tensor | None = None) -> torch.Tensor:
         """Generation: side states [B, n, d] of the n new positions' ladder inputs [B, n, 1 + layers, D],
         continuing the sequences `cache` holds; as `forward` on each whole sequence, at those positions.
-        `real` [B, n] (default all True) is False on left padding, which takes no position."""
+        `real` [B, n] (default all True) is False on padding, which takes no position: left padding, or right
+        padding in a sequence's last step (label-word scoring), after which a sliding layer's cache is not reused."""
         b, n = states.shape[:2]
         if real is None:
             real = torch.ones(b, n, dtype=torch.bool, device=states.device)
@@ -368,7 +369,7 @@ class DecoderLadderStack(LadderStack):
 
 class LayerKV:
     """One side block's cached attention keys (rotated) and values [B, KV, m, hd], their positions [B, m]
-    and whether each is a real token [B, m] (False: left padding)."""
+    and whether each is a real token [B, m] (False: padding)."""
 
     def __init__(self):
         self.k = self.v = self.positions = self.real = None
@@ -382,7 +383,7 @@ class LayerKV:
 
     def keep_last(self, m: int) -> None:
         """Drop all but the last m columns (every row's last m tokens: a sliding window's next queries
-        reach no further back; padding is only ever at the start)."""
+        reach no further back where padding is only at the start, as every step but a last right-padded one)."""
         drop = self.positions.shape[1] - m
         if drop > 0:
             self.k, self.v = self.k[:, :, drop:], self.v[:, :, drop:]
@@ -397,6 +398,15 @@ class SideKVCache:
     length: int = 0
     layers: list[LayerKV] = field(default_factory=list)
     seen: torch.Tensor | None = None
+
+    def repeat_rows(self, k: int) -> None:
+        """Each row k times in a row (row r becomes rows r k .. r k + k - 1): k continuations of each sequence."""
+        if self.seen is None:
+            raise ValueError("repeat_rows needs a filled cache: step the prompts first")
+        for layer in self.layers:
+            layer.k, layer.v = layer.k.repeat_interleave(k, 0), layer.v.repeat_interleave(k, 0)
+            layer.positions, layer.real = layer.positions.repeat_interleave(k, 0), layer.real.repeat_interleave(k, 0)
+        self.seen = self.seen.repeat_interleave(k, 0)
 
 
 class DecoderSideNetwork(SideNetwork):
@@ -576,25 +586,27 @@ class DecoderSideNetwork(SideNetwork):
     @torch.no_grad()
     def score_candidates(self, batch) -> torch.Tensor:
         """Each label word's log-probability [B, K]: its first token over the first tokens at the prompt's
-        last position, each later token over all the candidates' tokens, teacher-forced after the prompt."""
+        last position, each later token over all the candidates' tokens, teacher-forced after the prompt.
+        Words of 2+ tokens: the prompt runs once through the side decoder, filling its KV cache, and each
+        word's tokens continue a copy of that cache (never the prompt once per word)."""
         words = self.cfg.candidate_tokens
         k = len(words)
-        s_last, h_last = self.prompt_last_pair(batch)
+        if max(len(w) for w in words) == 1:
+            s_last, h_last = self.prompt_last_pair(batch)
+            first_logp = self.token_logits(s_last, self.first_rows, h_last).float().log_softmax(-1)  # [B, F]
+            return first_logp[:, self.first_class_of]  # [B, K]
+        prompt, real = left_aligned(batch.states["decoder"], batch.masks["decoder"])
+        cache = SideKVCache()
+        s_last = self.decoder.step(prompt, cache, real)[:, -1]  # left-aligned: the last column is the last real token
+        h_last = prompt[:, -1, -1].to(s_last.device)
         first_logp = self.token_logits(s_last, self.first_rows, h_last).float().log_softmax(-1)  # [B, F]
         scores = first_logp[:, self.first_class_of]  # [B, K]
-        if max(len(w) for w in words) == 1:
-            return scores
-        mask = batch.masks["decoder"]
-        states, joined_mask, starts = join_candidates(batch.states["decoder"], mask, batch.states["candidates"],
-                                                      batch.masks["candidates"], k)
-        s = self.decoder(states, joined_mask)
-        targets = batch.targets["candidates"].to(s.device)  # [B K, M]: the next token of the word at each of its positions
-        width = targets.shape[1]
-        index = (starts.to(s.device)[:, None] + torch.arange(width, device=s.device)[None]).clamp(max=s.shape[1] - 1)
-        pick = torch.arange(len(s), device=s.device)[:, None], index
-        at = s[pick]  # [B K, M, d]
-        h_at = states[pick[0].to(states.device), pick[1].to(states.device), -1].to(s.device) if self.cfg.merge_final else None
-        logp = self.token_logits(at, torch.arange(len(self.vocab_ids), device=s.device), h_at).float().log_softmax(-1)
+        cache.repeat_rows(k)  # row r: candidate r % k of example r // k, as the candidates stack is laid out
+        cand, cand_real = batch.states["candidates"], batch.masks["candidates"]  # [B K, M, P, D], right padding
+        at = self.decoder.step(cand, cache, cand_real.to(cand.device))  # [B K, M, d]
+        targets = batch.targets["candidates"].to(at.device)  # [B K, M]: the next token of the word at each of its positions
+        h_at = cand[:, :, -1].to(at.device) if self.cfg.merge_final else None
+        logp = self.token_logits(at, torch.arange(len(self.vocab_ids), device=at.device), h_at).float().log_softmax(-1)
         vocab_index = vocabulary_index(self.vocab_ids, targets.clamp(min=0))
         token = logp.gather(-1, vocab_index.unsqueeze(-1)).squeeze(-1) * (targets >= 0)
         return scores + token.sum(-1).view(-1, k).to(scores.device)
@@ -873,26 +885,15 @@ def vocabulary_index(vocab_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Ten
     return match.float().argmax(-1)
 
 
-def join_candidates(prompt: torch.Tensor, prompt_mask: torch.Tensor, cand: torch.Tensor, cand_mask: torch.Tensor, k: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each (example, candidate) as one sequence: the prompt's real tokens, then the candidate's
-    (states [B K, L, P, D], mask, and where each candidate starts)."""
-    device = prompt.device
-    starts = prompt_mask.to(device).sum(1).repeat_interleave(k)
-    lengths = cand_mask.to(device).sum(1)
-    width = int((starts + lengths).max())
-    b, n = prompt.shape[:2]
-    m = cand.shape[1]
-    steps = torch.arange(width, device=device)[None]
-    in_prompt = steps < starts[:, None]
-    in_cand = (steps >= starts[:, None]) & (steps < (starts + lengths)[:, None])
-    example = torch.arange(b * k, device=device) // k
-    prompt_index = example[:, None] * n + steps.clamp(max=n - 1)
-    cand_index = b * n + torch.arange(b * k, device=device)[:, None] * m + (steps - starts[:, None]).clamp(0, m - 1)
-    pool = torch.cat([prompt.flatten(0, 1), cand.to(device).flatten(0, 1)])
-    index = torch.where(in_prompt, prompt_index, cand_index)
-    mask = in_prompt | in_cand
-    return pool[index], mask, starts
+def left_aligned(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded rows [B, L, ...] (mask [B, L]) moved to the right end: (the rows left-padded, which
+    columns are real [B, L]), the layout the side decoder's KV-cached `step` takes."""
+    mask = mask.to(states.device)
+    n = mask.shape[1]
+    shift = n - mask.sum(1)  # each row's padding
+    columns = torch.arange(n, device=states.device)[None]
+    source = (columns - shift[:, None]) % n  # column i holds token i - shift; padding comes from the end
+    return states[torch.arange(len(states), device=states.device)[:, None], source], columns >= shift[:, None]
 
 
 def norm_has_offset(norm: nn.Module) -> bool:
