@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -156,8 +157,6 @@ def available_host_memory(meminfo_path: str = "/proc/meminfo", cgroup_path: str 
 def cgroup_available_memory(cgroup_path: str = "/proc/self/cgroup", cgroup_root: str = "/sys/fs/cgroup") -> int | None:
     """What this process's cgroup memory limit leaves (v2 memory.max, or v1 memory.limit_in_bytes): the
     limit less the usage, not counting the inactive page cache the kernel can drop; None without a limit."""
-    from pathlib import Path
-
     def number(path: Path, key: str | None = None) -> int | None:
         try:
             text = path.read_text()

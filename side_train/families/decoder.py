@@ -591,16 +591,18 @@ class DecoderSideNetwork(SideNetwork):
         word's tokens continue a copy of that cache (never the prompt once per word)."""
         words = self.cfg.candidate_tokens
         k = len(words)
-        if max(len(w) for w in words) == 1:
+        several = max(len(w) for w in words) > 1
+        if several:
+            prompt, real = left_aligned(batch.states["decoder"], batch.masks["decoder"])
+            cache = SideKVCache()
+            s_last = self.decoder.step(prompt, cache, real)[:, -1]  # left-aligned: the last column is the last real token
+            h_last = prompt[:, -1, -1].to(s_last.device)
+        else:
             s_last, h_last = self.prompt_last_pair(batch)
-            first_logp = self.token_logits(s_last, self.first_rows, h_last).float().log_softmax(-1)  # [B, F]
-            return first_logp[:, self.first_class_of]  # [B, K]
-        prompt, real = left_aligned(batch.states["decoder"], batch.masks["decoder"])
-        cache = SideKVCache()
-        s_last = self.decoder.step(prompt, cache, real)[:, -1]  # left-aligned: the last column is the last real token
-        h_last = prompt[:, -1, -1].to(s_last.device)
         first_logp = self.token_logits(s_last, self.first_rows, h_last).float().log_softmax(-1)  # [B, F]
         scores = first_logp[:, self.first_class_of]  # [B, K]
+        if not several:
+            return scores
         cache.repeat_rows(k)  # row r: candidate r % k of example r // k, as the candidates stack is laid out
         cand, cand_real = batch.states["candidates"], batch.masks["candidates"]  # [B K, M, P, D], right padding
         at = self.decoder.step(cand, cache, cand_real.to(cand.device))  # [B K, M, d]
