@@ -3,8 +3,8 @@
 Everything here computes what a plain PyTorch expression computes (tested against it):
 - `dropout` / `keep_mask`: inverted dropout whose CPU masks come from numpy's PCG64
   (about 4.5x faster than torch's), still fixed by torch's RNG state;
-- `ladder_projection`: a ladder's Linear over the stored bf16 states that saves the bf16
-  view, not a float32 copy, for its weight gradient;
+- `ladder_projection`: a ladder's Linear over the stored bf16 states (standardized per channel
+  or not) that saves the bf16 view, not a float32 copy, for its weight gradient;
 - `attention_with_dropout`: the math path of attention on a CPU, biases added in place;
 - `vocab_logits` / `FrozenHead`: the frozen LM head, folded into the up-projection where that
   takes fewer multiplications, with a bf16 copy kept on a CPU under autocast.
@@ -83,22 +83,31 @@ class _LadderProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, states, keep, scale: float, weight, bias, dtype: torch.dtype):
-        ctx.save_for_backward(states, keep, weight)
+    def forward(ctx, states, keep, scale: float, weight, bias, dtype: torch.dtype, shift=None, factor=None):
+        ctx.save_for_backward(states, keep, weight, shift, factor)
         ctx.scale, ctx.has_bias, ctx.dtype = scale, bias is not None, dtype
-        return F.linear(_dropped(states.to(dtype), keep, scale), weight.to(dtype), None if bias is None else bias.to(dtype))
+        inputs = _dropped(_standardized(states.to(dtype), shift, factor), keep, scale)
+        return F.linear(inputs, weight.to(dtype), None if bias is None else bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        states, keep, weight = ctx.saved_tensors
+        states, keep, weight, shift, factor = ctx.saved_tensors
         rows = grad_out.reshape(-1, grad_out.shape[-1])
-        inputs = _dropped(states.to(ctx.dtype), keep, ctx.scale).to(rows.dtype)
+        inputs = _dropped(_standardized(states.to(ctx.dtype), shift, factor), keep, ctx.scale).to(rows.dtype)
         grad_weight = (rows.t() @ inputs.reshape(-1, inputs.shape[-1])).to(weight.dtype)
         grad_bias = rows.sum(0).to(weight.dtype) if ctx.has_bias else None
         grad_states = None
         if ctx.needs_input_grad[0]:
-            grad_states = _dropped(grad_out @ weight.to(grad_out.dtype), keep, ctx.scale).to(states.dtype)
-        return grad_states, None, None, grad_weight, grad_bias, None
+            grad_states = _dropped(grad_out @ weight.to(grad_out.dtype), keep, ctx.scale)
+            if factor is not None:
+                grad_states = grad_states * factor.to(grad_states.dtype)
+            grad_states = grad_states.to(states.dtype)
+        return grad_states, None, None, grad_weight, grad_bias, None, None, None
+
+
+def _standardized(x: torch.Tensor, shift: torch.Tensor | None, factor: torch.Tensor | None) -> torch.Tensor:
+    """(x - shift) * factor per channel, or x as it is without a shift."""
+    return x if shift is None else (x - shift.to(x.dtype)) * factor.to(x.dtype)
 
 
 def _dropped(x: torch.Tensor, keep: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -107,19 +116,22 @@ def _dropped(x: torch.Tensor, keep: torch.Tensor | None, scale: float) -> torch.
     return x if keep is None else x.mul(keep.view(torch.uint8)).mul_(scale)
 
 
-def ladder_projection(linear: nn.Linear, states: torch.Tensor, drop: Dropout | None = None) -> torch.Tensor:
-    """`linear(drop(states))` for a low-precision `states` view, saving the view, not a float32 copy.
+def ladder_projection(linear: nn.Linear, states: torch.Tensor, drop: Dropout | None = None,
+                      standardize: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """`linear(drop(states))` for a low-precision `states` view, saving the view, not a float32 copy;
+    with `standardize` = (shift, factor) per channel, `linear(drop((states - shift) * factor))`.
 
     Computes in the weight's dtype, or under autocast in its dtype: bfloat16 states then
     enter the product as they are, with no float32 round trip."""
     weight = linear.weight
     dtype = compute_dtype(states.device, weight.dtype)
+    shift, factor = standardize if standardize is not None else (None, None)
     p = drop.p if drop is not None and drop.training else 0.0
     if states.dtype == weight.dtype or not torch.is_grad_enabled():
-        x = states.to(dtype)
+        x = _standardized(states.to(dtype), shift, factor)
         return linear(drop(x) if drop is not None else x)
     keep, scale = keep_mask(states.shape, states.device, p) if p > 0 else (None, 1.0)
-    return _LadderProjection.apply(states, keep, scale, weight, linear.bias, dtype)
+    return _LadderProjection.apply(states, keep, scale, weight, linear.bias, dtype, shift, factor)
 
 
 def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

@@ -47,6 +47,7 @@ class SideOptions:
     attention_dropout: float | None = None  # None: `dropout`, as the reference
     pooling: str = "mean"  # families with a classification head: mean or cls
     merge_final: bool = False  # decoders: QST's gated mix of the backbone's final normed state before the head
+    standardize_ladders: bool = False  # ladders read each channel as (h - mean) / std x the layer's median std
 
     def check(self) -> None:
         if self.reduction <= 0:
@@ -95,6 +96,7 @@ class SideConfig:
     dropout: float = 0.1
     attention_dropout: float | None = None  # on the attention probabilities; None: `dropout` (the reference)
     gate_temperature: float = 0.1
+    standardize_ladders: bool = False  # ladder inputs standardized per channel by training-split statistics
     num_labels: int = 2
     label_kind: str = "class"
     backbone: dict = field(default_factory=dict)  # name, revision, config_fingerprint of the backbone it reads
@@ -223,6 +225,23 @@ class LadderStack(nn.Module):
             self.final_norm = final_norm
         self.drop = Dropout(cfg.dropout)
         self.recompute = False  # set by SideNetwork.set_recompute
+        if cfg.standardize_ladders:  # per stored state (embedding, then each ladder) and channel; identity until set
+            self.register_buffer("input_shift", torch.zeros(1 + len(layers), cfg.backbone_d))
+            self.register_buffer("input_factor", torch.ones(1 + len(layers), cfg.backbone_d))
+
+    def set_input_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardize the ladder inputs: each channel of state j (0: the embedding) becomes
+        (h - mean[j]) / std[j] x median(std[j]), so every channel varies alike and each layer keeps
+        its typical scale. mean, std [1 + len(layers), D] from training-split states."""
+        std = std.double().clamp(min=1e-6)
+        self.input_shift.copy_(mean)
+        self.input_factor.copy_(std.median(dim=1, keepdim=True).values / std)
+
+    def ladder(self, j: int, states: torch.Tensor, drop: Dropout | None = None) -> torch.Tensor:
+        """Ladder j's projection of its stored states [..., D] (j = 0: the embedding's down-projection)."""
+        linear = self.down_emb if j == 0 else self.ladders[j - 1]
+        standardize = (self.input_shift[j], self.input_factor[j]) if self.cfg.standardize_ladders else None
+        return ladder_projection(linear, states, drop, standardize)
 
     def block_inputs(self, mask: torch.Tensor, context_mask: torch.Tensor | None) -> tuple:
         """(self-attention mask, position bias, cross-attention mask) for every block."""
@@ -231,11 +250,11 @@ class LadderStack(nn.Module):
     def forward(self, states: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """states [B, L, 1 + len(layers), D] (any float dtype); mask [B, L] bool."""
-        s = ladder_projection(self.down_emb, states[:, :, 0], self.drop)
+        s = self.ladder(0, states[:, :, 0], self.drop)
         inputs = self.block_inputs(mask, context_mask)
         for j, block in enumerate(self.blocks):
             mu = torch.sigmoid(self.gate_alpha[j] / self.cfg.gate_temperature)
-            s = mu * s + (1 - mu) * ladder_projection(self.ladders[j], states[:, :, j + 1])
+            s = mu * s + (1 - mu) * self.ladder(j + 1, states[:, :, j + 1])
             if self.recompute and torch.is_grad_enabled():
                 # reentrant: the checkpoint saves the block's inputs through autograd (so
                 # side_train.memory counts them) and re-runs the block, same dropout masks, in backward

@@ -4,7 +4,8 @@ Walkthrough: `open_sources` resolves a `SourceConfig` into the task, the backbon
 when training from the cache, since only its config, LM head and init slices are used) and
 the splits; `side_config` sizes the family's side network from `SideOptions`;
 `build_side_network` initialises it; `data_sources` gives each split's source of batches in
-its storage tier (GPU, RAM, disk, or the live backbone).
+its storage tier (GPU, RAM, disk, or the live backbone); `standardize_ladders` sets the
+ladders' per-channel statistics from the training split (--standardize-ladders).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from backbone_cache.plan import SplitPlan, plan_split
@@ -26,7 +28,7 @@ from shared.stores import CacheLocation
 from shared.tasks import SPLITS, TaskSpec
 from side_train.data import CachedSplit, LiveSplit
 from side_train.families import side_family
-from side_train.model import SideConfig, SideNetwork, SideOptions
+from side_train.model import LadderStack, SideConfig, SideNetwork, SideOptions
 
 INITS = ("fisher", "magnitude", "random")
 TIERS = ("auto", "gpu", "ram", "disk")
@@ -109,7 +111,51 @@ def open_sources(config: SourceConfig, device: torch.device, splits: tuple[str, 
 
 def side_config(sources: Sources, options: SideOptions) -> SideConfig:
     """The family's side network config for this backbone, task and options."""
-    return sources.network_class.config_for(sources.backbone, sources.spec, options)
+    cfg = sources.network_class.config_for(sources.backbone, sources.spec, options)
+    cfg.standardize_ladders = options.standardize_ladders  # every family's ladders alike
+    return cfg
+
+
+STATISTICS_EXAMPLES = 512  # training examples, spread over the split, that fix standardized ladders' statistics
+
+
+def ladder_input_statistics(source, stacks: tuple[str, ...], max_examples: int = STATISTICS_EXAMPLES,
+                            batch_size: int = 32) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per stack: the mean and standard deviation [1 + side layers, D] of each stored state's channels
+    over the real tokens of up to `max_examples` training examples spread evenly over the split
+    (storage order is length order, so the spread covers every length). Each sequence's first position
+    is left out: a decoder's <bos> row is an attention sink, its channels ten times the median's."""
+    n = source.num_examples
+    rows = np.unique(np.linspace(0, n - 1, min(n, max_examples)).round().astype(np.int64))
+    sums: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(rows), batch_size):
+        batch = source.batch(rows[start:start + batch_size])
+        for stack in stacks:
+            states, mask = batch.states[stack], batch.masks[stack].to(batch.states[stack].device).clone()
+            mask[torch.arange(len(mask)), mask.int().argmax(1)] = False  # each sequence's first real position
+            x = states[mask].double()  # [tokens, 1 + side layers, D]
+            total = sums.setdefault(stack, [torch.zeros(x.shape[1:], dtype=torch.float64) for _ in range(2)] + [0])
+            total[0] += x.sum(0).cpu()
+            total[1] += x.square().sum(0).cpu()
+            total[2] += len(x)
+    out = {}
+    for stack, (first, second, count) in sums.items():
+        if count < 2:
+            raise UserError(f"the train split holds too few tokens ({count}) to standardize the ladders; drop --standardize-ladders")
+        mean = first / count
+        out[stack] = (mean.float(), (second / count - mean.square()).clamp(min=0).sqrt().float())
+    return out
+
+
+def standardize_ladders(model: SideNetwork, train_source, statistics: dict | None = None) -> dict:
+    """Set each training stack's ladder standardization from the training split's states (or from
+    `statistics` already read for the same layers); returns the statistics."""
+    if statistics is None:
+        stacks = tuple(name for name in model.train_stacks if isinstance(getattr(model, name, None), LadderStack))
+        statistics = ladder_input_statistics(train_source, stacks)
+    for stack, (mean, std) in statistics.items():
+        getattr(model, stack).set_input_statistics(mean, std)
+    return statistics
 
 
 def state_bytes(manifest: dict, split: str, cfg: SideConfig) -> int:

@@ -66,6 +66,9 @@ def build_parser() -> Parser:
     g.add_argument("--merge-final", action="store_true",
                    help="decoders: mix the backbone's final normed state into the side output before the LM head with a "
                         "learned per-channel gate (QST's output)")
+    g.add_argument("--standardize-ladders", action="store_true",
+                   help="ladders read each channel standardized by training-split statistics (mean, std), scaled to its "
+                        "layer's median std: evens out an LLM's few huge channels for the optimizer")
     g = p.add_argument_group("training")
     g.add_argument("--out", default="runs/lst", help="run folder (resumed if it holds the same unfinished run)")
     g.add_argument("--epochs", type=int, default=None, help="default: the task's (20 small, 10 large)")
@@ -114,7 +117,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
                           device=args.device, tier=args.tier, reader=args.reader)
     side = SideOptions(reduction=args.reduction, side_layers=parse_side_layers(args.side_layers), drop_layers=args.drop_layers,
                        dropout=args.dropout, attention_dropout=args.attention_dropout, pooling=args.pooling,
-                       merge_final=args.merge_final)
+                       merge_final=args.merge_final, standardize_ladders=args.standardize_ladders)
     train = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                         eval_batch_size=args.eval_batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                         weight_decay=args.weight_decay, clip=args.clip, seed=args.seed, eval_mode=args.eval_mode,

@@ -39,6 +39,7 @@ from side_train.recipe import (
     importance_scores,
     open_sources,
     side_config,
+    standardize_ladders,
 )
 from side_train.train import TrainConfig, Trainee, TrainState, config_dict, train_networks, uses_bf16
 
@@ -250,11 +251,15 @@ def train_pass(members: list[Member], sources: Sources, data: dict, union: SideC
     with `ranks` of a torchrun job, data parallel over the ranks).
     After the last pass's networks are built, a cached run's backbone weights are dropped (only the
     LM head, copied into a side network, is still needed)."""
+    statistics: dict[str, dict] = {}  # one reading per set of layers, however many members standardize
     for m in members:
         model = build_side_network(m.side_cfg, sources.backbone, m.config.init, scores.get(m.config.init), m.train_cfg.seed)
+        positions = positions_in(union, m.side_cfg)
+        if m.side_cfg.standardize_ladders:  # before the checkpoint, which holds the same statistics, is loaded
+            key = json.dumps(positions, sort_keys=True)
+            statistics[key] = standardize_ladders(model, LayerView(data["train"], positions), statistics.get(key))
         state = TrainState(model, data["train"].lengths, sources.spec, m.train_cfg, m.run_dir, device, track_memory=track_memory,
                            ranks=ranks)
-        positions = positions_in(union, m.side_cfg)
         evals = {s: LayerView(data[s], positions) for s in ("validation", "test") if s in data}
         m.trainee = Trainee(m.name, state, positions, evals)
     if sources.mode == "cache" and last_pass:

@@ -57,6 +57,7 @@ def _layers(text: str) -> list[int]:
 OPTIONS = {
     "reduction": ("side", int), "side_layers": ("side", _layers), "drop_layers": ("side", int), "dropout": ("side", float),
     "attention_dropout": ("side", float), "pooling": ("side", str), "merge_final": ("side", _bool),
+    "standardize_ladders": ("side", _bool),
     "epochs": ("train", int), "max_steps": ("train", int), "batch_size": ("train", int), "eval_batch_size": ("train", int),
     "lr": ("train", float), "warmup_steps": ("train", int), "weight_decay": ("train", float), "clip": ("train", float),
     "seed": ("train", int), "save_every": ("train", int), "recompute": ("train", _bool), "precision": ("train", str),

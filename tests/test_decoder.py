@@ -382,12 +382,13 @@ def slow_scores(side: DecoderSideNetwork, bb: DecoderBackbone, example: Example,
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("kind,merge_final", [("gemma3", False), ("mistral", False), ("gemma3", True)])
-def test_candidate_scoring_equals_the_slow_log_likelihood(backbones, kind, merge_final):
+@pytest.mark.parametrize("kind,merge_final,standardize", [("gemma3", False, False), ("mistral", False, False),
+                                                         ("gemma3", True, False), ("gemma3", False, True)])
+def test_candidate_scoring_equals_the_slow_log_likelihood(backbones, kind, merge_final, standardize):
     """Scores from the cached layout (prompt stack + candidates stack, only the candidates' head rows; the
     prompt run once and each word continuing its KV cache, across the sliding window; words of different
     lengths, so some are padded) equal each candidate's log-likelihood computed one sequence at a time
-    with full-vocabulary logits."""
+    with full-vocabulary logits; with standardized ladders too (the KV-cached step reads them as forward does)."""
     from dataclasses import replace
 
     from backbone_cache.importance import magnitude_scores
@@ -396,11 +397,15 @@ def test_candidate_scoring_equals_the_slow_log_likelihood(backbones, kind, merge
     bb = backbones[kind]
     spec = replace(word_task(), label_names=["terrible film", "wonderful film", "a truly wonderful little film"])
     cfg = DecoderSideNetwork.config_for(bb, spec, SideOptions(reduction=2, merge_final=merge_final))
+    cfg.standardize_ladders = standardize
     assert len({len(w) for w in cfg.candidate_tokens}) > 1
     torch.manual_seed(0)
     side = DecoderSideNetwork(cfg, bb.lm_head()[0].detach().float())
     side.init_projections(std=0.2)
     side.init_from_backbone({k: v.float() for k, v in bb.model.state_dict().items()}, magnitude_scores(bb))
+    if standardize:
+        side.decoder.set_input_statistics(torch.randn(1 + len(cfg.decoder_layers), cfg.backbone_d),
+                                          torch.rand(1 + len(cfg.decoder_layers), cfg.backbone_d) + 0.1)
     side.eval()
     assert side.lm_head.shape[0] == len(cfg.vocabulary) < 10  # never the whole vocabulary
     examples = rt_examples(6)
@@ -481,6 +486,33 @@ def test_cached_and_live_runs_give_the_same_losses(decoder_cache, tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-4)
     assert cached["source"] == "cache" and live["source"] == "live"
     assert cached["test_last"]["accuracy"] == pytest.approx(live["test_last"]["accuracy"], abs=5.0)
+
+
+def test_standardized_ladders_cached_equal_live_and_keep_the_training_statistics(decoder_cache, tmp_path):
+    """--standardize-ladders: the statistics come from the training split (the same from the cache and live, so the
+    losses agree), survive the checkpoint and the side model folder, and the loaded model predicts as the trained one."""
+    from side_train.data import LayerView
+    from side_train.recipe import SourceConfig, data_sources, ladder_input_statistics, open_sources
+
+    common = ("--epochs", "1", "--init", "magnitude", "--standardize-ladders")
+    cached = run(_args("--cache", str(decoder_cache), "--out", str(tmp_path / "cached"), *common))
+    run(_args("--cache", str(decoder_cache), "--live", "--out", str(tmp_path / "live"), *common))
+    np.testing.assert_allclose(losses(tmp_path / "cached"), losses(tmp_path / "live"), rtol=1e-4)
+    model = from_pretrained(tmp_path / "cached" / "side_model").eval()
+    assert model.cfg.standardize_ladders
+    sources = open_sources(SourceConfig(cache=str(decoder_cache)), CPU)
+    data = data_sources(sources, model.cfg)
+    mean, std = ladder_input_statistics(LayerView(data["train"], {}), ("decoder",))["decoder"]
+    torch.testing.assert_close(model.decoder.input_shift, mean, rtol=0, atol=0)
+    torch.testing.assert_close(model.decoder.input_factor * std, std.median(dim=1, keepdim=True).values.expand_as(std))
+    assert float(model.decoder.input_factor.std()) > 0  # not the identity it starts from
+    from safetensors.torch import load_file
+
+    checkpoint = load_file(str(tmp_path / "cached" / "checkpoint" / "model.safetensors"))  # what a resumed run restores
+    assert torch.equal(checkpoint["decoder.input_factor"], model.decoder.input_factor)
+    batch = data["test"].batch(np.arange(40))
+    accuracy = 100 * float((model.predict(batch) == batch.labels).double().mean())
+    assert accuracy == pytest.approx(cached["test_last"]["accuracy"])
 
 
 def test_fisher_scores_cover_every_projection(decoder_cache):

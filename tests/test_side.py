@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -121,7 +122,7 @@ def test_ladders_save_the_bf16_states_not_a_float_copy(monkeypatch):
     side, batch = tiny_side_and_batch(dropout=0.0)
     loss, grads, saved = loss_and_gradients(side, batch)
     monkeypatch.setattr(model_module, "ladder_projection",
-                        lambda linear, states, dropout=None: linear(states.to(linear.weight.dtype)))
+                        lambda linear, states, dropout=None, standardize=None: linear(states.to(linear.weight.dtype)))
     plain_loss, plain_grads, plain_saved = loss_and_gradients(side, batch)
     assert torch.equal(loss, plain_loss)
     assert all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
@@ -147,6 +148,82 @@ def test_ladder_projection_with_dropout_matches_the_float_computation():
     torch.testing.assert_close(ours[1], bias.grad, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(_LadderProjection.apply(states, keep, 1 / 0.9, weight, bias, torch.float32), reference, rtol=0, atol=0)
+
+
+def test_standardized_ladder_projection_matches_the_float_computation():
+    """(states - shift) * factor, dropped, then the ladder: forward and every gradient (the states' too) as autograd
+    computes them on a float copy; the kernel still saves only the bf16 view."""
+    from side_train.kernels import _LadderProjection
+
+    torch.manual_seed(0)
+    states = (torch.randn(4, 10, 64) * 30 + 5).bfloat16().requires_grad_()
+    keep = torch.rand(4, 10, 64) >= 0.1
+    shift, factor = torch.randn(64) * 5, torch.rand(64) + 0.05
+    weight = torch.randn(16, 64, requires_grad=True)
+    bias = torch.randn(16, requires_grad=True)
+    grad_out = torch.randn(4, 10, 16)
+    out = _LadderProjection.apply(states, keep, 1 / 0.9, weight, bias, torch.float32, shift, factor)
+    out.backward(grad_out)
+    ours = (out.detach(), weight.grad.clone(), bias.grad.clone(), states.grad.float().clone())
+    weight.grad = bias.grad = states.grad = None
+    x = states.float()
+    reference = torch.nn.functional.linear(torch.where(keep, (x - shift) * factor * (1 / 0.9), 0.0), weight, bias)
+    reference.backward(grad_out)
+    torch.testing.assert_close(ours[0], reference.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(ours[1], weight.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours[2], bias.grad, rtol=0, atol=0)
+    torch.testing.assert_close(ours[3], states.grad.float(), rtol=1e-2, atol=1e-2)  # the states' gradient is bf16
+
+
+def test_standardized_ladders_equal_plain_ladders_with_the_statistics_folded_in():
+    """A stack with standardized inputs computes what a plain stack computes with W' = W diag(f) and
+    b' = b - W' m; the factors even out the channels (each a layer's median std over its own)."""
+    side, batch = tiny_side_and_batch(dropout=0.0)
+    cfg = dataclasses.replace(side.cfg, standardize_ladders=True)
+    standardized = T5SideNetwork(cfg, side.lm_head.clone())
+    standardized.load_state_dict(side.state_dict(), strict=False)
+    stack = standardized.encoder
+    mean, std = torch.randn(4, 64) * 3, torch.rand(4, 64) * 10 + 0.5
+    std[:, 7] = 500.0  # an outlier channel
+    stack.set_input_statistics(mean, std)
+    torch.testing.assert_close(stack.input_factor * std, std.median(dim=1, keepdim=True).values.expand(4, 64))
+    assert float(stack.input_factor[:, 7].max()) < 0.1
+    with torch.no_grad():
+        for j, linear in enumerate([side.encoder.down_emb, *side.encoder.ladders]):
+            linear.weight.mul_(stack.input_factor[j])
+            linear.bias.sub_(linear.weight @ stack.input_shift[j])
+    side.eval(), standardized.eval()
+    mask = batch.masks["encoder"]
+    torch.testing.assert_close(standardized.encoder(batch.states["encoder"], mask), side.encoder(batch.states["encoder"], mask),
+                               rtol=1e-4, atol=1e-4)
+    assert {"encoder.input_shift", "encoder.input_factor"} <= set(standardized.state_dict())
+    assert "encoder.input_shift" not in side.state_dict()  # the paper's ladders keep no statistics
+
+
+def test_ladder_statistics_leave_out_each_sequences_first_position():
+    from side_train.recipe import ladder_input_statistics
+
+    torch.manual_seed(0)
+    states = torch.randn(10, 6, 3, 8).bfloat16()
+    states[:, 0] = 1000.0  # an attention sink at each sequence's first position
+    mask = torch.ones(10, 6, dtype=torch.bool)
+    mask[::2, 4:] = False  # padding, never counted
+
+    class Source:
+        num_examples = 10
+
+        def batch(self, rows):
+            rows = torch.as_tensor(rows)
+            return Batch(rows, torch.zeros(len(rows), dtype=torch.float64), states={"encoder": states[rows]},
+                         masks={"encoder": mask[rows]})
+
+    mean, std = ladder_input_statistics(Source(), ("encoder",), batch_size=3)["encoder"]
+    real = mask.clone()
+    real[:, 0] = False
+    x = states[real].double()
+    torch.testing.assert_close(mean, x.mean(0).float())
+    torch.testing.assert_close(std, x.std(0, unbiased=False).float())
+    assert float(std.max()) < 10  # the sink rows are left out
 
 
 def test_cpu_dropout_mask_has_the_rate_and_follows_torch_rng():

@@ -118,6 +118,32 @@ def test_a_sweep_of_one_is_a_run(cache, tmp_path):
         assert same_weights(member / folder, alone / folder), folder
 
 
+def test_standardized_members_match_their_runs_alone(cache, tmp_path, monkeypatch):
+    """--standardize-ladders in a sweep: a member reading a subset of the pass's layers takes the statistics of
+    its own layers, as a run alone computes them (bit for bit), and the statistics are read once per set of layers."""
+    import side_train.recipe as recipe
+
+    calls = []
+    real = recipe.ladder_input_statistics
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    flags = ["--standardize-ladders", "--seed", "1"]
+    assert solo.main(["--cache", str(cache), "--out", str(tmp_path / "alone"), *SHARED, *flags, "--drop-layers", "1"]) == 0
+    monkeypatch.setattr(recipe, "ladder_input_statistics", counted)
+    assert sweep_mod.main(["--cache", str(cache), "--out", str(tmp_path / "s"), "--grid", "drop_layers=0,1", "lr=1e-2,3e-3",
+                           "--quiet", *[f for f in SHARED if f not in ("--lr", "1e-2")], *flags]) == 0
+    assert len(calls) == 2  # four members, two sets of layers
+    member, alone = tmp_path / "s" / "runs" / "drop_layers=1_lr=1e-2", tmp_path / "alone"
+    weights = load_file(str(member / "side_model" / "model.safetensors"))
+    assert weights["encoder.input_factor"].shape[0] == 3 and float(weights["encoder.input_factor"].std()) > 0
+    assert records(member / "metrics.jsonl") == records(alone / "metrics.jsonl")
+    for folder in ("side_model", "best_side_model", "checkpoint"):
+        assert same_weights(member / folder, alone / folder), folder
+
+
 def test_sweep_results_tables_and_plots(finished_sweep):
     with open(finished_sweep / "runs.csv") as f:
         runs = list(csv.DictReader(f))

@@ -61,7 +61,7 @@ from shared.families import Backbone
 from shared.families.decoder import chunked_token_nll, first_token_classes, is_llama_style
 from shared.tasks import TaskSpec
 from shared.tokens import LABEL_PAD
-from side_train.kernels import Dropout, attention_with_dropout, compute_dtype, ladder_projection
+from side_train.kernels import Dropout, attention_with_dropout, compute_dtype
 from side_train.model import (
     GenerationConfig,
     LadderStack,
@@ -357,10 +357,10 @@ class DecoderLadderStack(LadderStack):
             cache.layers = [LayerKV() for _ in self.blocks]
             cache.seen = torch.zeros(b, dtype=torch.long, device=states.device)
         positions = (cache.seen[:, None] + real.long().cumsum(1) - 1).clamp(min=0)
-        s = ladder_projection(self.down_emb, states[:, :, 0], self.drop)
+        s = self.ladder(0, states[:, :, 0], self.drop)
         for j, block in enumerate(self.blocks):
             mu = torch.sigmoid(self.gate_alpha[j] / self.cfg.gate_temperature)
-            s = mu * s + (1 - mu) * ladder_projection(self.ladders[j], states[:, :, j + 1])
+            s = mu * s + (1 - mu) * self.ladder(j + 1, states[:, :, j + 1])
             s = block.step(s, cache.layers[j], positions, real)
         cache.length += n
         cache.seen = cache.seen + real.long().sum(1)
