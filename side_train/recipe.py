@@ -127,19 +127,17 @@ def ladder_input_statistics(source, stacks: tuple[str, ...], max_examples: int =
     is left out: a decoder's <bos> row is an attention sink, its channels ten times the median's."""
     n = source.num_examples
     rows = np.unique(np.linspace(0, n - 1, min(n, max_examples)).round().astype(np.int64))
-    sums: dict[str, list[torch.Tensor]] = {}
+    totals: dict[str, tuple] = {}  # per stack: (sum, sum of squares, tokens)
     for start in range(0, len(rows), batch_size):
         batch = source.batch(rows[start:start + batch_size])
         for stack in stacks:
             states, mask = batch.states[stack], batch.masks[stack].to(batch.states[stack].device).clone()
             mask[torch.arange(len(mask)), mask.int().argmax(1)] = False  # each sequence's first real position
             x = states[mask].double()  # [tokens, 1 + side layers, D]
-            total = sums.setdefault(stack, [torch.zeros(x.shape[1:], dtype=torch.float64) for _ in range(2)] + [0])
-            total[0] += x.sum(0).cpu()
-            total[1] += x.square().sum(0).cpu()
-            total[2] += len(x)
+            first, second, count = totals.get(stack, (0.0, 0.0, 0))
+            totals[stack] = (first + x.sum(0).cpu(), second + x.square().sum(0).cpu(), count + len(x))
     out = {}
-    for stack, (first, second, count) in sums.items():
+    for stack, (first, second, count) in totals.items():
         if count < 2:
             raise UserError(f"the train split holds too few tokens ({count}) to standardize the ladders; drop --standardize-ladders")
         mean = first / count
