@@ -69,6 +69,12 @@ def build_parser() -> Parser:
     g.add_argument("--pooling", default="mean", choices=["mean", "cls", "last"],
                    help="LST's head input (decoder: label words unless last, a head on the last token; its baselines use the same head)")
     g.add_argument("--drop-layers", type=int, default=0, help="LST: drop N interleaved layers (the paper drops 3 per T5-base stack)")
+    g.add_argument("--dropout", type=float, default=0.1, help="LST: the side network's dropout")
+    g.add_argument("--attention-dropout", type=float, default=None, help="LST: dropout on attention probabilities (default: --dropout)")
+    g.add_argument("--merge-final", action="store_true",
+                   help="LST, decoders: QST's gated mix of the backbone's final normed state before the LM head")
+    g.add_argument("--standardize-ladders", action="store_true",
+                   help="LST: ladders read each channel standardized by training-split statistics (as side_train.run's flag)")
     g.add_argument("--init", default="fisher", choices=INITS, help="LST side init for training runs: pruned by importance, or random")
     g.add_argument("--fisher-samples", type=int, default=1024)
     g.add_argument("--cache", default=None, help="LST-cached training: a cache of this model and data (default: extract into OUT/cache)")
@@ -98,7 +104,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         eval_batch_size=args.eval_batch_size, lrs=parse_lrs(args.lr), seed=args.seed,
         sizes=BaselineSizes(args.adapter_width, args.lora_rank, args.prompt_tokens),
         side=SideOptions(reduction=args.reduction, side_layers=parse_side_layers(args.side_layers), drop_layers=args.drop_layers,
-                         pooling=args.pooling),
+                         dropout=args.dropout, attention_dropout=args.attention_dropout, pooling=args.pooling,
+                         merge_final=args.merge_final, standardize_ladders=args.standardize_ladders),
         init=args.init, fisher_samples=args.fisher_samples, cache=args.cache, out=args.out, quiet=args.quiet,
     )
     config.check()

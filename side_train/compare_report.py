@@ -76,6 +76,11 @@ def format_table(records: list[dict], settings: dict) -> str:
     lines.append(f"\n{settings['model']} ({settings['family']}), task {settings['task']}, batch {settings['batch_size']} x "
                  f"{settings['source_tokens']} source tokens{target}; memory: {where}; "
                  f"s/step: batch {settings['time_batch_size']} on {settings['device']}")
+    if any(r["method"].startswith("lst") for r in records):
+        side = [f"r = {settings['reduction']}", f"dropout {settings.get('dropout', 0.1):g}"]
+        side += [name for key, name in (("merge_final", "--merge-final"), ("standardize_ladders", "--standardize-ladders"))
+                 if settings.get(key)]
+        lines.append("LST side network: " + ", ".join(side))
     return "\n".join(lines)
 
 

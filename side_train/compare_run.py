@@ -48,7 +48,7 @@ from side_train.data import Batch, eval_batches
 from side_train.families import side_family
 from side_train.memory import MemoryAccount, SavedTensorCounter, account, device_tensors, parameter_count, recompute_bytes
 from side_train.model import SideNetwork, SideOptions
-from side_train.recipe import INITS
+from side_train.recipe import INITS, network_config, standardize_ladders
 from side_train.train import TrainConfig, Trainee, TrainState, epochs_for_steps, train_networks
 
 LST_METHODS = ("lst-live", "lst-cached", "lst-cached-recompute")
@@ -307,7 +307,7 @@ def prepare(method: str, config: CompareConfig, spec: TaskSpec, device: torch.de
     if method in BASELINES or method in GPU_BASELINES:
         module = build_baseline(method, backbone, spec, config.sizes, config.side).to(device)
         return Prepared(method, module, lambda b: b, total, network_class, backbone.model)
-    cfg = network_class.config_for(backbone, spec, config.side)
+    cfg = network_config(network_class, backbone, spec, config.side)
     side = new_side_network(network_class, cfg, backbone, init, scores, config.seed).to(device)
     side.set_recompute(method.endswith("-recompute"))
     if method == "lst-live":
@@ -475,6 +475,8 @@ def train_and_evaluate(method: str, config: CompareConfig, spec: TaskSpec, plans
     else:
         side = side_network(prepared.module)
         sources = lst_sources(config, prepared, reference, spec, plans)
+        if side.cfg.standardize_ladders:  # before training, from the states the arm trains on (live or cached)
+            standardize_ladders(side, sources["train"])
         out["train_seconds"], out["train_loss_last"] = train_module(method, side, sources["train"], train_plan.lengths, spec, cfg,
                                                                     device)
         if spec.label_kind == "lm":  # scored by the response tokens' loss: no predicted values
@@ -540,6 +542,8 @@ def compare(config: CompareConfig) -> tuple[list[Row], dict]:
                 "adapter_width": config.sizes.adapter_width, "lora_rank": config.sizes.lora_rank,
                 "prompt_tokens": config.sizes.prompt_tokens, "reduction": config.side.reduction,
                 "drop_layers": config.side.drop_layers, "side_layers": config.side.side_layers,
+                "dropout": config.side.dropout, "merge_final": config.side.merge_final,
+                "standardize_ladders": config.side.standardize_ladders,
                 "init": config.init if config.train_steps else None,
                 "lr": {m: config.lrs[m] for m in config.methods} if config.train_steps else None, "seed": config.seed}
     lst_init = ("random", None)

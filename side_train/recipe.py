@@ -111,7 +111,12 @@ def open_sources(config: SourceConfig, device: torch.device, splits: tuple[str, 
 
 def side_config(sources: Sources, options: SideOptions) -> SideConfig:
     """The family's side network config for this backbone, task and options."""
-    cfg = sources.network_class.config_for(sources.backbone, sources.spec, options)
+    return network_config(sources.network_class, sources.backbone, sources.spec, options)
+
+
+def network_config(network_class: type[SideNetwork], backbone: Backbone, spec: TaskSpec, options: SideOptions) -> SideConfig:
+    """`network_class`'s config for this backbone, task and options (side_config without Sources)."""
+    cfg = network_class.config_for(backbone, spec, options)
     cfg.standardize_ladders = options.standardize_ladders  # every family's ladders alike
     return cfg
 

@@ -275,3 +275,22 @@ def test_kept_predictions_give_the_reported_scores(decoders, task_files, tmp_pat
         assert out[split]["accuracy"] == pytest.approx(100 * float((predictions == labels).mean()))
     assert "predictions" not in R.train_and_evaluate(method, config, spec, plans, torch.device("cpu"), reference,
                                                      ("random", None))["test"]
+
+
+def test_lst_arms_take_the_side_networks_options(decoders, task_files, tmp_path, capsys):
+    """--merge-final adds its gate (one weight per backbone channel) to both LST arms; --standardize-ladders
+    sets statistics from the states each arm trains on (identity statistics would leave the losses as they
+    were), and live and cached LST, reading the same states, still end alike."""
+    steps = ["--time-steps", "0", "--train-steps", "12", "--init", "magnitude", "--dropout", "0",
+             "--lr", "lst-live=1e-2", "--lr", "lst-cached=1e-2"]
+    plain = run_compare(decoders["llama"], task_files, tmp_path / "plain", ["lst-live", "lst-cached"], *steps)
+    capsys.readouterr()
+    options = run_compare(decoders["llama"], task_files, tmp_path / "options", ["lst-live", "lst-cached"], *steps,
+                          "--merge-final", "--standardize-ladders")
+    assert "LST side network: r = 8, dropout 0, --merge-final, --standardize-ladders" in capsys.readouterr().out
+    for method in ("lst-live", "lst-cached"):
+        assert int(options[method]["trainable_parameters"]) == int(plain[method]["trainable_parameters"]) + 64
+    assert float(options["lst-live"]["train_loss_last"]) == pytest.approx(float(options["lst-cached"]["train_loss_last"]), rel=2e-2)
+    standardized_only = run_compare(decoders["llama"], task_files, tmp_path / "std", ["lst-cached"], *steps, "--standardize-ladders")
+    assert float(standardized_only["lst-cached"]["train_loss_last"]) != pytest.approx(float(plain["lst-cached"]["train_loss_last"]),
+                                                                                       rel=1e-3)
