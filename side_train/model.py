@@ -89,6 +89,8 @@ class GenerationConfig:
 class SideConfig:
     """What every family's side network config holds; each family adds its own fields."""
 
+    layer_fields: ClassVar[tuple[str, ...]] = ()  # the fields that list backbone blocks (the stacks `stack_layers` feeds)
+
     family: str
     backbone_d: int
     num_heads: int

@@ -222,13 +222,8 @@ def union_config(members: list[Member]) -> SideConfig:
 
     cfg = members[0].side_cfg
     union = {field_name: sorted({i for m in members for i in getattr(m.side_cfg, field_name)})
-             for field_name in layer_fields(cfg)}
+             for field_name in cfg.layer_fields}
     return dataclasses.replace(cfg, **union)
-
-
-def layer_fields(cfg: SideConfig) -> list[str]:
-    """The config fields that list backbone blocks (those `stack_layers` returns)."""
-    return [f for f in ("encoder_layers", "decoder_layers") if hasattr(cfg, f)]
 
 
 def positions_in(union: SideConfig, cfg: SideConfig) -> dict[str, list[int] | None]:

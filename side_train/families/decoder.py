@@ -50,6 +50,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -86,6 +87,8 @@ def activation(name: str):
 
 @dataclass(kw_only=True)
 class DecoderSideConfig(SideConfig):
+    layer_fields: ClassVar[tuple[str, ...]] = ("decoder_layers",)
+
     family: str = "decoder"
     num_kv_heads: int  # the backbone's
     backbone_head_dim: int

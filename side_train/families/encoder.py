@@ -12,6 +12,7 @@ through the backbone's layout (shared.families.encoder.ENCODER_LAYOUTS).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,8 @@ def known_activation(name: object) -> bool:
 
 @dataclass(kw_only=True)
 class EncoderSideConfig(SideConfig):
+    layer_fields: ClassVar[tuple[str, ...]] = ("encoder_layers",)
+
     family: str = "encoder"
     backbone_d_ff: int
     num_backbone_layers: int

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -53,6 +54,8 @@ ACTIVATIONS = {"relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh
 
 @dataclass(kw_only=True)
 class T5SideConfig(SideConfig):
+    layer_fields: ClassVar[tuple[str, ...]] = ("encoder_layers", "decoder_layers")
+
     family: str = "t5"
     backbone_d_ff: int
     backbone_d_kv: int
