@@ -172,9 +172,20 @@ def load_config_file(path: Path) -> tuple[dict[str, list[str]], list[dict[str, s
 
 
 def expand(entries: list[dict[str, str]], grid: dict[str, list[str]]) -> list[dict[str, str]]:
-    """Every entry crossed with every grid point (entries' own values win)."""
+    """Every entry crossed with every grid point (entries' own values win).
+
+    A named entry's name gains the grid values it does not set itself (`top` -> `top_lr=1e-3`),
+    so that its grid points get distinct run folders."""
     points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())] or [{}]
-    return [{**point, **entry} for entry in (entries or [{}]) for point in points]
+    members = []
+    for entry in entries or [{}]:
+        for point in points:
+            member = {**point, **entry}
+            tags = [f"{k}={v}" for k, v in point.items() if k not in entry]
+            if "name" in entry and tags:
+                member["name"] = "_".join([entry["name"], *tags])
+            members.append(member)
+    return members
 
 
 def member_name(overrides: dict[str, str]) -> str:

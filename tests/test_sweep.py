@@ -207,7 +207,13 @@ def test_configs_file_and_errors(cache, tmp_path, capsys):
     grid, entries = sweep_plan.load_config_file(path)
     assert grid == {"lr": ["1e-2", "3e-3"]} and entries == [{"name": "top", "side_layers": "1,2"}, {"reduction": "8"}]
     configurations = sweep_plan.expand(entries, grid)
-    assert len(configurations) == 4 and configurations[0] == {"lr": "1e-2", "name": "top", "side_layers": "1,2"}
+    assert len(configurations) == 4 and configurations[0] == {"lr": "1e-2", "name": "top_lr=1e-2", "side_layers": "1,2"}
+    # a named entry crossed with the grid: each point its own folder; a key the entry sets is not repeated
+    assert [sweep_plan.member_name(c) for c in configurations] == ["top_lr=1e-2", "top_lr=3e-3", "lr=1e-2_reduction=8",
+                                                                    "lr=3e-3_reduction=8"]
+    assert [c["name"] for c in sweep_plan.expand([{"name": "fast", "lr": "1e-2"}], {"lr": ["1e-3"], "seed": ["0", "1"]})] == [
+        "fast_seed=0", "fast_seed=1"]
+    assert sweep_plan.expand([{"name": "only"}], {}) == [{"name": "only"}]
     assert sweep_plan.parse_grid(["reduction=4,8", "lr=1e-3"]) == {"reduction": ["4", "8"], "lr": ["1e-3"]}
     path.write_text('[{"merge_final": true, "recompute": false}]')
     assert sweep_plan.load_config_file(path) == ({}, [{"merge_final": "true", "recompute": "false"}])
