@@ -24,6 +24,8 @@ T, so the uses are combined before squaring, as in the batch-1 loop. With F = su
 Requirements: eval mode (examples must not interact), losses that ignore padded positions (their
 output gradients are then exactly zero), and every use of a target weight going through an
 nn.Linear or nn.Embedding that holds it (a functional `F.linear(x, emb.weight)` is not seen).
+An nn.Embedding subclass with its own forward is read only where that forward is the lookup times
+a constant `embed_scale` (transformers' ScaledWordEmbedding: Gemma, BART); any other is refused.
 A module applied to a tensor shared by the whole batch (BERT's position embeddings, T5's
 relative attention bias) has no per-example gradient and is refused. Sums run in float32 (float64
 for a float64 model; running row and column sums in float64): results equal the batch-1 loop to
@@ -221,9 +223,10 @@ class _FullJobs:
 class _Segment:
     """One use of a weight in one forward: the factors of its per-example gradient G_n = A_n^T B_n."""
 
-    def __init__(self, module_name: str, embedding: bool, data: torch.Tensor, padding_idx: int | None = None):
+    def __init__(self, module_name: str, embedding: bool, data: torch.Tensor, padding_idx: int | None = None,
+                 scale: float = 1.0):
         self.module_name, self.embedding, self.data = module_name, embedding, data  # ids (embedding) or input x (linear)
-        self.padding_idx = padding_idx
+        self.padding_idx, self.scale = padding_idx, scale  # scale: a scaled lookup's factor (dL/dW rows = scale * dL/dy)
         self.grad: torch.Tensor | None = None
 
     def factors(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,6 +236,8 @@ class _Segment:
             ids, grad = self.data.reshape(n, -1), self.grad.reshape(n, -1, self.grad.shape[-1])
             if self.padding_idx is not None:  # nn.Embedding gives its padding row no gradient
                 grad = grad * (ids != self.padding_idx).unsqueeze(-1).to(grad.dtype)
+            if self.scale != 1.0:
+                grad = _wide(grad) * self.scale
             return ids, grad
         return self.grad.reshape(n, -1, self.grad.shape[-1]), self.data.reshape(n, -1, self.data.shape[-1])
 
@@ -262,7 +267,8 @@ class _Weight:
             replaced = not output.requires_grad
             if replaced:  # nothing upstream needs gradients: start the graph here
                 output = output.detach().requires_grad_(True)
-            segment = _Segment(module_name, embedding, inputs[0].detach(), getattr(module, "padding_idx", None))
+            segment = _Segment(module_name, embedding, inputs[0].detach(), getattr(module, "padding_idx", None),
+                               _lookup_scale(module) if embedding else 1.0)
             self.segments.append(segment)
 
             def grad_hook(grad: torch.Tensor) -> None:
@@ -360,6 +366,14 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _lookup_scale(module: torch.nn.Embedding) -> float:
+    """The constant a scaled embedding multiplies its lookups by, rounded to its weight's dtype as its forward does."""
+    scale = getattr(module, "embed_scale", None)
+    if type(module).forward is torch.nn.Embedding.forward or scale is None:
+        return 1.0
+    return float(torch.as_tensor(scale).to(module.weight.dtype))
+
+
 def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
 
@@ -425,6 +439,11 @@ def _plan(model: torch.nn.Module, targets: ScoreTargets) -> tuple[dict[int, _Wei
             weight.want_full = True
         keys[f"{attention}.qkv"] = ("qkv", parts)
     for weight in weights.values():
+        custom = [m for m in weight.modules if isinstance(m, torch.nn.Embedding)
+                  and type(m).forward is not torch.nn.Embedding.forward and getattr(m, "embed_scale", None) is None]
+        if custom:
+            raise NotPerExample(f"{weight.name} is used by {type(custom[0]).__name__}, an embedding with its own forward "
+                                "(not a scaled lookup): its per-example gradient is unknown")
         if any(isinstance(m, torch.nn.Embedding) and m.scale_grad_by_freq for m in weight.modules):
             raise NotPerExample(f"{weight.name} is an embedding that scales its gradient by token frequency: not supported")
         if weight.embedding_use and (weight.want_rows or weight.want_full):

@@ -71,7 +71,7 @@ def fisher_scores(backbone: Backbone, spec: TaskSpec, plan, samples: int, quiet:
 
     Batched (backbone_cache.fisher: per-example gradients read from hooks, a few examples per
     backward pass, equal to the batch-1 loop to float rounding) where the family allows it
-    (`Backbone.batched_fisher`) and every scored use is per example; the batch-1 loop otherwise.
+    (`Backbone.batched_fisher(spec)`) and every scored use is per example; the batch-1 loop otherwise.
     `batched`: None picks, True/False forces (a forced batched run raises where it cannot be exact)."""
     device = backbone.device
     rows = fisher_rows(plan.num_examples, samples)
@@ -81,7 +81,7 @@ def fisher_scores(backbone: Backbone, spec: TaskSpec, plan, samples: int, quiet:
                                           [labels[i : i + len(c)] for i, c in zip(range(0, len(rows), 32), chunks)], spec)
     targets = backbone.score_targets()
     if batched is None:
-        batched = backbone.batched_fisher
+        batched = backbone.batched_fisher(spec)
     if batched:
         from backbone_cache import fisher
 

@@ -528,6 +528,32 @@ def test_fisher_scores_cover_every_projection(decoder_cache):
     assert scores["model.layers.0.self_attn.k_proj.rows"].shape == (32,) and scores["model.embed_tokens.columns"].shape == (64,)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2", "gemma3"])
+def test_batched_fisher_equals_the_batch1_loop(backbones, rt_spec, kind, monkeypatch):
+    """Fisher scores a few examples per backward pass (hooks read the tied head through its module and Gemma's scaled
+    lookups) equal the batch-1 loop's, for one-token and multi-token label words and for regression."""
+    import backbone_cache.importance as importance
+
+    bb = backbones[kind]
+    regression = TaskSpec("local", ["sentence"], "regression", [], ["sentence:"], ["pearson"], 20)
+    examples = rt_examples(10)
+    for spec in (rt_spec, word_task(), regression):
+        data = examples if spec.label_kind == "class" else [Example(e.example_id, e.texts, float(e.label) + 0.1 * i) for i, e in enumerate(examples)]
+        plan, _ = token_batch(bb, data, spec)
+        assert bb.batched_fisher(spec)
+        with monkeypatch.context() as patch:  # the batched engine must not fall back to the loop
+            patch.setattr(importance, "fisher_scores_batch1", lambda *a, **k: pytest.fail("fell back to the batch-1 loop"))
+            batched = importance.fisher_scores(bb, spec, plan, 10, quiet=True)
+        batch1 = importance.fisher_scores(bb, spec, plan, 10, quiet=True, batched=False)
+        assert batched.keys() == batch1.keys()
+        for key, value in batch1.items():
+            scale = value.abs().max()
+            assert float(scale) > 0, key
+            torch.testing.assert_close(batched[key] / scale, value / scale, rtol=1e-4, atol=1e-5, msg=f"{spec.label_kind} {key}")
+    lm = TaskSpec("local", ["prompt", "response"], "lm", [], [], ["loss"], 20)
+    assert bb.batched_fisher(lm) == (not bb.tied())  # a tied head read in chunks: the loop
+
+
 def test_save_and_load_round_trip(decoder_cache, tmp_path):
     from side_train.recipe import SourceConfig, data_sources, open_sources
 
@@ -634,3 +660,18 @@ def test_real_gemma_states_equal_the_models_own(gemma, rt_spec):
     folder = Path(bb.name).parent
     args = argparse.Namespace(model=str(folder), revision=None, trust_remote_code=False, gguf_file="gemma-3-270m-q4_k_m.gguf")
     assert model_config(args).name == bb.name and model_config(args).gguf_file == args.gguf_file
+
+
+def test_real_gemma_batched_fisher_equals_the_batch1_loop(gemma, rt_spec, monkeypatch):
+    """On the real Gemma 3 270M (tied head, scaled lookups, 262k words) the batched Fisher engine gives the loop's scores."""
+    import backbone_cache.importance as importance
+
+    plan, _ = token_batch(gemma, rt_examples(6, start=20), rt_spec)
+    with monkeypatch.context() as patch:
+        patch.setattr(importance, "fisher_scores_batch1", lambda *a, **k: pytest.fail("fell back to the batch-1 loop"))
+        batched = importance.fisher_scores(gemma, rt_spec, plan, 6, quiet=True)
+    batch1 = importance.fisher_scores(gemma, rt_spec, plan, 6, quiet=True, batched=False)
+    assert batched.keys() == batch1.keys() and "model.embed_tokens.columns" in batched
+    for key, value in batch1.items():
+        scale = value.abs().max()
+        torch.testing.assert_close(batched[key] / scale, value / scale, rtol=1e-4, atol=1e-5, msg=key)

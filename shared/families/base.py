@@ -173,10 +173,11 @@ class Backbone:
     def score_targets(self) -> ScoreTargets:
         raise NotImplementedError
 
-    # Whether every use of the scored weights in `fisher_objective`'s loss goes through an nn.Linear or
-    # nn.Embedding that holds the weight (no functional reads, no rescaled lookups), so that
-    # backbone_cache.fisher can read exact per-example gradients from hooks, a batch at a time.
-    batched_fisher: ClassVar[bool] = True
+    def batched_fisher(self, spec: TaskSpec) -> bool:
+        """Whether every use of the scored weights in `fisher_objective(spec)`'s loss goes through an
+        nn.Linear or nn.Embedding that holds the weight (no functional reads), so that
+        backbone_cache.fisher can read exact per-example gradients from hooks, a batch at a time."""
+        return True
 
     def fisher_objective(self, batches: list[TokenBatch], labels: list[torch.Tensor], spec: TaskSpec
                          ) -> Callable[[TokenBatch, torch.Tensor], torch.Tensor]:

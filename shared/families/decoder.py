@@ -25,8 +25,9 @@ The LM head is the output embedding (tied or not), scale 1.0; where the config h
 `final_logit_softcapping` (Gemma 2) the side network applies it to its candidate logits too.
 Fisher importance differentiates the frozen model's own label-word cross-entropy at the
 prompt's last position over the candidates' first tokens (regression: a linear probe on the
-last token's final state, as the encoder family's probe). GGUF checkpoints are converted once
-to a safetensors folder (`convert_gguf`).
+last token's final state, as the encoder family's probe), a few examples per backward pass
+(backbone_cache.fisher; its hooks see the tied head through its module and Gemma's scaled
+lookups). GGUF checkpoints are converted once to a safetensors folder (`convert_gguf`).
 
 Instruction tasks (`label_kind == "lm"`, `shared.tasks.load_instruct`): the `decoder` stack holds
 prompt + response as one padding-free sequence (the tokenizer's leading special tokens, the
@@ -36,7 +37,8 @@ response only. The response continues the prompt exactly as written (put any tem
 trailing newline, in the prompt). `--max-length` keeps the end of the prompt, `--max-target-length`
 the start of the response. Candidates: one placeholder, as for regression. Fisher importance
 differentiates the frozen model's response-token cross-entropy through the full head, in chunks
-(`chunked_token_nll`).
+(`chunked_token_nll`), one example per backward pass where the head is tied (the chunks read the
+embedding functionally, which the batched engine's hooks would not see).
 
 Generation (`step_states`): the live model runs with its transformers KV cache; each step's new
 positions come back as the same ladder inputs `run_blocks` gives for the whole sequence.
@@ -157,9 +159,6 @@ def cache_argument(model_class: type) -> str:
 class DecoderBackbone(Backbone):
     family = "decoder"
     label_kinds = ("class", "regression", "lm")
-    # the Fisher loss reads the (often tied) head's candidate rows functionally, and Gemma scales its
-    # lookups: the batch-1 loop scores these exactly, the hook-based batched engine would not
-    batched_fisher = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -428,6 +427,10 @@ class DecoderBackbone(Backbone):
             rows += [f"{self.layer_name(i)}.mlp.{p}" for p in MLP_PROJECTIONS]
         return ScoreTargets(rows=rows, qkv=[], columns=[f"{self.text_model_name}.embed_tokens"])
 
+    def batched_fisher(self, spec: TaskSpec) -> bool:
+        """Batched, except for instruction tasks on a tied head: their loss reads the head in chunks, functionally."""
+        return spec.label_kind != "lm" or not self.tied()
+
     def fisher_objective(self, batches, labels, spec):
         """The frozen model's label-word cross-entropy at the prompt's last position over the candidates'
         distinct first tokens, per example; regression: a linear probe on the last token's final state;
@@ -448,10 +451,16 @@ class DecoderBackbone(Backbone):
 
             return regression_losses
         firsts, targets = first_token_classes(self.candidate_token_ids(spec))
+        head = self.model.get_output_embeddings()
+        cap = self.final_logit_softcap()
 
         def losses(batch: TokenBatch, example_labels: torch.Tensor) -> torch.Tensor:
+            # the whole head at one position per example, through its module, so that the batched Fisher
+            # engine sees the tied head's use of the embedding (candidate_logits reads its rows functionally)
             stack = batch["decoder"]
-            logits = self.candidate_logits(self.final_state(stack["input_ids"], stack["attention_mask"]), firsts).float()
+            state = self.final_state(stack["input_ids"], stack["attention_mask"])
+            logits = head(state.to(head.weight.dtype))[:, firsts].float()
+            logits = torch.tanh(logits / cap) * cap if cap else logits
             target = torch.tensor(targets, device=logits.device)[example_labels.long().to(logits.device)]
             return torch.nn.functional.cross_entropy(logits, target, reduction="none")
 
