@@ -85,7 +85,8 @@ def fisher_scores(backbone: Backbone, spec: TaskSpec, plan, samples: int, quiet:
     if batched:
         from backbone_cache import fisher
 
-        groups = fisher.length_batches(plan.lengths[rows], FISHER_MAX_TOKENS, FISHER_MAX_EXAMPLES)
+        groups = fisher.length_batches(plan.lengths[rows], backbone.fisher_max_tokens(spec, FISHER_MAX_TOKENS),
+                                       FISHER_MAX_EXAMPLES)
         batches = ((plan.token_batch(rows[g], device), labels[g]) for g in groups)
         try:
             return fisher.fisher_scores(backbone.model, batches, lambda _model, b: objective(*b), targets,

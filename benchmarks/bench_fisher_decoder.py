@@ -1,6 +1,11 @@
 """Fisher scores on a real decoder (Gemma 3 270M): the batched engine against the batch-1 loop, through extract's own code.
 
     python benchmarks/bench_fisher_decoder.py --model GEMMA_DIR --gguf-file gemma-3-270m-q4_k_m.gguf --samples 1024 --batch1-samples 64
+    python benchmarks/bench_fisher_decoder.py --model GEMMA_DIR --gguf-file gemma-3-270m-q4_k_m.gguf --task instruct --samples 256
+
+--task label-words (the default) scores the embedded task's label words; --task instruct an instruction task made
+from the same texts (prompt: "Continue: " and a review's first 4 words; response: its next 12 words), whose Fisher
+loss is the response tokens' cross-entropy through the whole head.
 
 Both arms call `backbone_cache.importance.fisher_scores` on the embedded Rotten Tomatoes training split, as
 `backbone_cache.extract --init fisher` does: the batched engine on the first --samples Fisher rows, the batch-1
@@ -27,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backbone_cache.importance import fisher_rows, fisher_scores  # noqa: E402
 from backbone_cache.plan import plan_split  # noqa: E402
 from shared.backbones import load_backbone  # noqa: E402
-from shared.tasks import load_default  # noqa: E402
+from shared.tasks import INSTRUCT_TASK, Example, TaskSpec, load_default  # noqa: E402
 
 
 class RowsPlan:
@@ -47,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a decoder's folder (or hub name)")
     p.add_argument("--gguf-file", default=None)
+    p.add_argument("--task", choices=("label-words", "instruct"), default="label-words")
     p.add_argument("--samples", type=int, default=1024, help="Fisher examples the batched engine scores")
     p.add_argument("--batch1-samples", type=int, default=64, help="examples the batch-1 loop is timed on (extrapolated)")
     p.add_argument("--max-length", type=int, default=128, help="source tokens kept (extract's default)")
@@ -59,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     backbone = load_backbone(args.model, device, gguf_file=args.gguf_file)
     spec, splits = load_default()
     train = splits["train"]
+    if args.task == "instruct":
+        spec = TaskSpec(INSTRUCT_TASK, ["prompt", "response"], "lm", [], [], ["loss", "perplexity"], 3)
+        train = [Example(e.example_id, ["Continue: " + " ".join(e.texts[0].split()[:4]) + "\n",
+                                        " ".join(e.texts[0].split()[4:16]) or "ok"], 0) for e in train]
     plan = plan_split("train", train, spec, backbone, args.max_length, 16, len(train), False)
     rows = fisher_rows(plan.num_examples, args.samples)  # exactly the rows extract --fisher-samples N scores
     subset = RowsPlan(plan, rows[: args.batch1_samples])
@@ -84,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     diff = max(float((ours[k] - reference[k]).abs().max() / reference[k].abs().max().clamp_min(1e-30)) for k in reference)
     per_example = (batch1_s / len(subset.rows), batched_s / len(rows))
     result = {
-        "model": backbone.name, "samples": len(rows), "batch1_samples": len(subset.rows), "keys": len(reference),
+        "model": backbone.name, "task": args.task, "samples": len(rows), "batch1_samples": len(subset.rows), "keys": len(reference),
         "mean_tokens": round(float(np.mean(everything.lengths)), 1),
         "batch1_s_per_example": round(per_example[0], 4), "batched_s_per_example": round(per_example[1], 4),
         "batch1_extrapolated_s": round(per_example[0] * len(rows), 1), "batched_s": round(batched_s, 1),

@@ -22,7 +22,7 @@ from conftest import needs_minilm, run_cli
 from shared.backbones import load_backbone
 from shared.cli import model_config
 from shared.families import family_of
-from shared.families.decoder import DecoderBackbone, prompt_template
+from shared.families.decoder import FISHER_HEAD_BYTES, DecoderBackbone, prompt_template
 from shared.tasks import Example, TaskSpec, load_default
 from side_train.families.decoder import DecoderSideNetwork, causal_mask, head_indices, select_heads
 from side_train.model import SideOptions, from_pretrained
@@ -550,8 +550,22 @@ def test_batched_fisher_equals_the_batch1_loop(backbones, rt_spec, kind, monkeyp
             scale = value.abs().max()
             assert float(scale) > 0, key
             torch.testing.assert_close(batched[key] / scale, value / scale, rtol=1e-4, atol=1e-5, msg=f"{spec.label_kind} {key}")
-    lm = TaskSpec("local", ["prompt", "response"], "lm", [], [], ["loss"], 20)
-    assert bb.batched_fisher(lm) == (not bb.tied())  # a tied head read in chunks: the loop
+    # instruction tasks: a tied head runs through its module (in batches small enough for its logits), else in chunks
+    lm = TaskSpec("instruct", ["prompt", "response"], "lm", [], [], ["loss", "perplexity"], 3)
+    data = [Example(f"i{i}", ["Continue: " + " ".join(e.texts[0].split()[:4]) + "\n", " ".join(e.texts[0].split()[4:9 + i % 3])], 0)
+            for i, e in enumerate(examples)]
+    plan, batch = token_batch(bb, data, lm)
+    if bb.tied():
+        assert bb.fisher_max_tokens(lm, 10**9) == FISHER_HEAD_BYTES // (4 * VOCAB) and bb.fisher_max_tokens(rt_spec, 7) == 7
+        with torch.no_grad():
+            torch.testing.assert_close(bb.response_losses_through_head(batch), bb.response_losses(batch), rtol=1e-5, atol=1e-5)
+    with monkeypatch.context() as patch:
+        patch.setattr(importance, "fisher_scores_batch1", lambda *a, **k: pytest.fail("fell back to the batch-1 loop"))
+        batched = importance.fisher_scores(bb, lm, plan, 10, quiet=True)
+    batch1 = importance.fisher_scores(bb, lm, plan, 10, quiet=True, batched=False)
+    for key, value in batch1.items():
+        scale = value.abs().max()
+        torch.testing.assert_close(batched[key] / scale, value / scale, rtol=1e-4, atol=1e-5, msg=f"lm {key}")
 
 
 def test_save_and_load_round_trip(decoder_cache, tmp_path):

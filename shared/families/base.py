@@ -179,6 +179,11 @@ class Backbone:
         backbone_cache.fisher can read exact per-example gradients from hooks, a batch at a time."""
         return True
 
+    def fisher_max_tokens(self, spec: TaskSpec, default: int) -> int:
+        """Padded tokens (examples x longest) per batched Fisher forward: `default`, or fewer where the loss
+        holds more per token (a decoder's full-vocabulary head)."""
+        return default
+
     def fisher_objective(self, batches: list[TokenBatch], labels: list[torch.Tensor], spec: TaskSpec
                          ) -> Callable[[TokenBatch, torch.Tensor], torch.Tensor]:
         """A function (batch, labels) -> each example's own loss [N], which Fisher importance differentiates.

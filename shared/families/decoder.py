@@ -37,8 +37,9 @@ response only. The response continues the prompt exactly as written (put any tem
 trailing newline, in the prompt). `--max-length` keeps the end of the prompt, `--max-target-length`
 the start of the response. Candidates: one placeholder, as for regression. Fisher importance
 differentiates the frozen model's response-token cross-entropy through the full head, in chunks
-(`chunked_token_nll`), one example per backward pass where the head is tied (the chunks read the
-embedding functionally, which the batched engine's hooks would not see).
+(`chunked_token_nll`); where the head is tied, through the head's module on the response positions
+(`response_losses_through_head`), so that the batched engine's hooks see its use of the embedding,
+in batches whose float32 logits stay near FISHER_HEAD_BYTES (`fisher_max_tokens`).
 
 Generation (`step_states`): the live model runs with its transformers KV cache; each step's new
 positions come back as the same ladder inputs `run_blocks` gives for the whole sequence.
@@ -427,16 +428,20 @@ class DecoderBackbone(Backbone):
             rows += [f"{self.layer_name(i)}.mlp.{p}" for p in MLP_PROJECTIONS]
         return ScoreTargets(rows=rows, qkv=[], columns=[f"{self.text_model_name}.embed_tokens"])
 
-    def batched_fisher(self, spec: TaskSpec) -> bool:
-        """Batched, except for instruction tasks on a tied head: their loss reads the head in chunks, functionally."""
-        return spec.label_kind != "lm" or not self.tied()
+    def fisher_max_tokens(self, spec: TaskSpec, default: int) -> int:
+        """Instruction tasks on a tied head: few enough tokens that the batch's float32 logits over the whole
+        vocabulary take about FISHER_HEAD_BYTES (their loss runs the head through its module)."""
+        if spec.label_kind == "lm" and self.tied():
+            return max(1, min(default, FISHER_HEAD_BYTES // (4 * int(self.lm_head()[0].shape[0]))))
+        return default
 
     def fisher_objective(self, batches, labels, spec):
         """The frozen model's label-word cross-entropy at the prompt's last position over the candidates'
         distinct first tokens, per example; regression: a linear probe on the last token's final state;
-        instruction tasks: the summed response-token cross-entropy through the full head (in chunks)."""
+        instruction tasks: the summed response-token cross-entropy through the full head (in chunks; through
+        the head's module where it is tied, so that the batched Fisher engine sees its use of the embedding)."""
         if spec.label_kind == "lm":
-            return self.response_losses
+            return self.response_losses_through_head if self.tied() else self.response_losses
         if spec.label_kind == "regression":
             with torch.no_grad():
                 features = torch.cat([self.final_state(b["decoder"]["input_ids"], b["decoder"]["attention_mask"]).float()
@@ -479,18 +484,52 @@ class DecoderBackbone(Backbone):
         """The final norm's weight [d] (the side network's `--merge-final` applies it to the last block's output)."""
         return self.text_model.norm.weight
 
-    def response_losses(self, batch: TokenBatch, example_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Each sequence's summed next-token cross-entropy over its labelled (response) positions [B],
-        through the full head a chunk of tokens at a time (with gradients where enabled)."""
+    def _final_states(self, batch: TokenBatch) -> torch.Tensor:
+        """The final-normed states of every position of the `decoder` stack [B, T, d]."""
         stack = batch["decoder"]
         mask = stack.get("attention_mask")
         mask = None if mask is None or bool(mask.all()) else mask
-        hidden = self.text_model(input_ids=stack["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
-        targets = stack["labels"].to(hidden.device)
+        return self.text_model(input_ids=stack["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
+
+    def response_losses(self, batch: TokenBatch, example_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Each sequence's summed next-token cross-entropy over its labelled (response) positions [B],
+        through the full head a chunk of tokens at a time (with gradients where enabled)."""
+        hidden = self._final_states(batch)
+        targets = batch["decoder"]["labels"].to(hidden.device)
         keep = targets != LABEL_PAD
         nll = chunked_token_nll(hidden[keep], self.lm_head()[0], targets[keep], softcap=self.final_logit_softcap())
         rows = torch.arange(len(targets), device=hidden.device)[:, None].expand_as(targets)[keep]
         return torch.zeros(len(targets), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+
+    def response_losses_through_head(self, batch: TokenBatch, example_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """`response_losses` with the head run through its module on each sequence's response positions at once
+        [B, R, V] (no chunks): Fisher's loss for a tied head, whose use of the embedding the batched engine's
+        hooks must see; `fisher_max_tokens` keeps those logits small."""
+        hidden = self._final_states(batch)
+        states, targets = _response_rows(hidden, batch["decoder"]["labels"].to(hidden.device))
+        head = self.model.get_output_embeddings()
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = head(states.to(head.weight.dtype)).float()
+        cap = self.final_logit_softcap()
+        logits = torch.tanh(logits / cap) * cap if cap else logits
+        keep = targets != LABEL_PAD
+        nll = torch.logsumexp(logits, -1) - logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (nll * keep).sum(1)
+
+
+def _response_rows(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's response positions packed to the front: (states [B, R, d] with zero rows after a
+    sequence's last response position, their next tokens [B, R] with LABEL_PAD there)."""
+    keep = targets != LABEL_PAD
+    count = keep.sum(1)
+    width = max(1, int(count.max()))
+    slot = torch.cumsum(keep, 1) - 1  # a kept position's place among its sequence's response positions
+    rows, cols = keep.nonzero(as_tuple=True)
+    states = hidden.new_zeros(len(targets), width, hidden.shape[-1])
+    states[rows, slot[rows, cols]] = hidden[rows, cols]
+    labels = torch.full((len(targets), width), LABEL_PAD, dtype=targets.dtype, device=targets.device)
+    labels[rows, slot[rows, cols]] = targets[rows, cols]
+    return states, labels
 
 
 def first_token_classes(words: list[list[int]]) -> tuple[list[int], list[int]]:
@@ -502,6 +541,7 @@ def first_token_classes(words: list[list[int]]) -> tuple[list[int], list[int]]:
 # --- the full-vocabulary head in chunks ----------------------------------------------------------
 
 HEAD_CHUNK_BYTES = 64 << 20  # float32 logits held at once by `chunked_token_nll`
+FISHER_HEAD_BYTES = 256 << 20  # float32 logits of one batched Fisher forward through a tied head (instruction tasks)
 
 
 def head_chunk_tokens(vocab_size: int, budget: int = HEAD_CHUNK_BYTES) -> int:
