@@ -66,13 +66,13 @@ FISHER_MAX_EXAMPLES = 64
 
 
 def fisher_scores(backbone: Backbone, spec: TaskSpec, plan, samples: int, quiet: bool = False,
-                  batched: bool | None = None) -> dict[str, torch.Tensor]:
+                  batched: bool = True) -> dict[str, torch.Tensor]:
     """Fisher importance of the family's targets over `samples` training examples.
 
     Batched (backbone_cache.fisher: per-example gradients read from hooks, a few examples per
-    backward pass, equal to the batch-1 loop to float rounding) where the family allows it
-    (`Backbone.batched_fisher(spec)`) and every scored use is per example; the batch-1 loop otherwise.
-    `batched`: None picks, True/False forces (a forced batched run raises where it cannot be exact)."""
+    backward pass, equal to the batch-1 loop to float rounding) where every scored use is per example
+    (the family's `fisher_objective` runs every scored weight through the module that holds it); the
+    batch-1 loop otherwise, or with `batched=False`."""
     device = backbone.device
     rows = fisher_rows(plan.num_examples, samples)
     labels = torch.tensor([float(plan.examples[i].label) for i in rows])
@@ -80,8 +80,6 @@ def fisher_scores(backbone: Backbone, spec: TaskSpec, plan, samples: int, quiet:
     objective = backbone.fisher_objective([plan.token_batch(c, device) for c in chunks],
                                           [labels[i : i + len(c)] for i, c in zip(range(0, len(rows), 32), chunks)], spec)
     targets = backbone.score_targets()
-    if batched is None:
-        batched = backbone.batched_fisher(spec)
     if batched:
         from backbone_cache import fisher
 

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     subset = RowsPlan(plan, rows[: args.batch1_samples])
     halves = [RowsPlan(plan, part) for part in np.array_split(rows[: args.batch1_samples], 2)]
     everything = RowsPlan(plan, rows)
-    for batched in (None, False):  # warm-up of both arms: the loop's first [V, d] gradients fault in their pages
+    for batched in (True, False):  # warm-up of both arms: the loop's first [V, d] gradients fault in their pages
         fisher_scores(backbone, spec, RowsPlan(plan, rows[:8]), 8, quiet=True, batched=batched)
 
     load = [round(os.getloadavg()[0], 2)]

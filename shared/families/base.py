@@ -173,12 +173,6 @@ class Backbone:
     def score_targets(self) -> ScoreTargets:
         raise NotImplementedError
 
-    def batched_fisher(self, spec: TaskSpec) -> bool:
-        """Whether every use of the scored weights in `fisher_objective(spec)`'s loss goes through an
-        nn.Linear or nn.Embedding that holds the weight (no functional reads), so that
-        backbone_cache.fisher can read exact per-example gradients from hooks, a batch at a time."""
-        return True
-
     def fisher_max_tokens(self, spec: TaskSpec, default: int) -> int:
         """Padded tokens (examples x longest) per batched Fisher forward: `default`, or fewer where the loss
         holds more per token (a decoder's full-vocabulary head)."""
@@ -187,7 +181,9 @@ class Backbone:
     def fisher_objective(self, batches: list[TokenBatch], labels: list[torch.Tensor], spec: TaskSpec
                          ) -> Callable[[TokenBatch, torch.Tensor], torch.Tensor]:
         """A function (batch, labels) -> each example's own loss [N], which Fisher importance differentiates.
-        `batches`/`labels` are the Fisher samples (an encoder fits its probe on them first)."""
+        `batches`/`labels` are the Fisher samples (an encoder fits its probe on them first). Every use of a
+        scored weight must go through the nn.Linear or nn.Embedding that holds it (no functional reads):
+        backbone_cache.fisher reads the per-example gradients from those modules' hooks."""
         raise NotImplementedError
 
     def layer_count(self, stack: str) -> int:

@@ -36,10 +36,9 @@ each position where that token is a response token (-100 elsewhere), so the loss
 response only. The response continues the prompt exactly as written (put any template, e.g. a
 trailing newline, in the prompt). `--max-length` keeps the end of the prompt, `--max-target-length`
 the start of the response. Candidates: one placeholder, as for regression. Fisher importance
-differentiates the frozen model's response-token cross-entropy through the full head, in chunks
-(`chunked_token_nll`); where the head is tied, through the head's module on the response positions
-(`response_losses_through_head`), so that the batched engine's hooks see its use of the embedding,
-in batches whose float32 logits stay near FISHER_HEAD_BYTES (`fisher_max_tokens`).
+differentiates the frozen model's response-token cross-entropy through the full head's module on the
+response positions (`response_losses`), so that the batched engine's hooks see a tied head's use of the
+embedding, in batches whose float32 logits stay near FISHER_HEAD_BYTES (`fisher_max_tokens`).
 
 Generation (`step_states`): the live model runs with its transformers KV cache; each step's new
 positions come back as the same ladder inputs `run_blocks` gives for the whole sequence.
@@ -409,8 +408,7 @@ class DecoderBackbone(Backbone):
         """The frozen head's logits of `token_ids` only [..., len(token_ids)] (with the config's softcap)."""
         head = self.lm_head()[0]
         logits = hidden.to(head.dtype) @ head[torch.tensor(token_ids, device=head.device)].t()
-        cap = self.final_logit_softcap()
-        return torch.tanh(logits / cap) * cap if cap else logits
+        return softcapped(logits, self.final_logit_softcap())
 
     # --- importance ---------------------------------------------------------------------------
 
@@ -429,19 +427,19 @@ class DecoderBackbone(Backbone):
         return ScoreTargets(rows=rows, qkv=[], columns=[f"{self.text_model_name}.embed_tokens"])
 
     def fisher_max_tokens(self, spec: TaskSpec, default: int) -> int:
-        """Instruction tasks on a tied head: few enough tokens that the batch's float32 logits over the whole
-        vocabulary take about FISHER_HEAD_BYTES (their loss runs the head through its module)."""
-        if spec.label_kind == "lm" and self.tied():
+        """Instruction tasks: few enough tokens that the batch's float32 logits over the whole vocabulary
+        take about FISHER_HEAD_BYTES (their loss runs the head through its module)."""
+        if spec.label_kind == "lm":
             return max(1, min(default, FISHER_HEAD_BYTES // (4 * int(self.lm_head()[0].shape[0]))))
         return default
 
     def fisher_objective(self, batches, labels, spec):
         """The frozen model's label-word cross-entropy at the prompt's last position over the candidates'
         distinct first tokens, per example; regression: a linear probe on the last token's final state;
-        instruction tasks: the summed response-token cross-entropy through the full head (in chunks; through
-        the head's module where it is tied, so that the batched Fisher engine sees its use of the embedding)."""
+        instruction tasks: the summed response-token cross-entropy through the full head. Every loss runs the
+        head through its module, so that the batched Fisher engine sees a tied head's use of the embedding."""
         if spec.label_kind == "lm":
-            return self.response_losses_through_head if self.tied() else self.response_losses
+            return self.response_losses
         if spec.label_kind == "regression":
             with torch.no_grad():
                 features = torch.cat([self.final_state(b["decoder"]["input_ids"], b["decoder"]["attention_mask"]).float()
@@ -457,15 +455,13 @@ class DecoderBackbone(Backbone):
             return regression_losses
         firsts, targets = first_token_classes(self.candidate_token_ids(spec))
         head = self.model.get_output_embeddings()
-        cap = self.final_logit_softcap()
 
         def losses(batch: TokenBatch, example_labels: torch.Tensor) -> torch.Tensor:
             # the whole head at one position per example, through its module, so that the batched Fisher
             # engine sees the tied head's use of the embedding (candidate_logits reads its rows functionally)
             stack = batch["decoder"]
             state = self.final_state(stack["input_ids"], stack["attention_mask"])
-            logits = head(state.to(head.weight.dtype))[:, firsts].float()
-            logits = torch.tanh(logits / cap) * cap if cap else logits
+            logits = softcapped(head(state.to(head.weight.dtype))[:, firsts].float(), self.final_logit_softcap())
             target = torch.tensor(targets, device=logits.device)[example_labels.long().to(logits.device)]
             return torch.nn.functional.cross_entropy(logits, target, reduction="none")
 
@@ -484,37 +480,27 @@ class DecoderBackbone(Backbone):
         """The final norm's weight [d] (the side network's `--merge-final` applies it to the last block's output)."""
         return self.text_model.norm.weight
 
-    def _final_states(self, batch: TokenBatch) -> torch.Tensor:
-        """The final-normed states of every position of the `decoder` stack [B, T, d]."""
+    def response_losses(self, batch: TokenBatch, example_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Each sequence's summed next-token cross-entropy over its labelled (response) positions [B]: Fisher's
+        loss for instruction tasks. The head runs through its module on every response position at once
+        [B, R, V], where the batched engine's hooks see a tied head's use of the embedding; `fisher_max_tokens`
+        keeps those logits small."""
         stack = batch["decoder"]
         mask = stack.get("attention_mask")
         mask = None if mask is None or bool(mask.all()) else mask
-        return self.text_model(input_ids=stack["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
-
-    def response_losses(self, batch: TokenBatch, example_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Each sequence's summed next-token cross-entropy over its labelled (response) positions [B],
-        through the full head a chunk of tokens at a time (with gradients where enabled)."""
-        hidden = self._final_states(batch)
-        targets = batch["decoder"]["labels"].to(hidden.device)
-        keep = targets != LABEL_PAD
-        nll = chunked_token_nll(hidden[keep], self.lm_head()[0], targets[keep], softcap=self.final_logit_softcap())
-        rows = torch.arange(len(targets), device=hidden.device)[:, None].expand_as(targets)[keep]
-        return torch.zeros(len(targets), dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
-
-    def response_losses_through_head(self, batch: TokenBatch, example_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """`response_losses` with the head run through its module on each sequence's response positions at once
-        [B, R, V] (no chunks): Fisher's loss for a tied head, whose use of the embedding the batched engine's
-        hooks must see; `fisher_max_tokens` keeps those logits small."""
-        hidden = self._final_states(batch)
+        hidden = self.text_model(input_ids=stack["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
         states, targets = _response_rows(hidden, batch["decoder"]["labels"].to(hidden.device))
         head = self.model.get_output_embeddings()
         with torch.autocast(hidden.device.type, enabled=False):
-            logits = head(states.to(head.weight.dtype)).float()
-        cap = self.final_logit_softcap()
-        logits = torch.tanh(logits / cap) * cap if cap else logits
+            logits = softcapped(head(states.to(head.weight.dtype)).float(), self.final_logit_softcap())
         keep = targets != LABEL_PAD
         nll = torch.logsumexp(logits, -1) - logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return (nll * keep).sum(1)
+
+
+def softcapped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(logits / cap), the logit softcap of Gemma 2 style models; the logits as they are without a cap."""
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def _response_rows(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,7 +59,7 @@ from torch import nn
 
 from shared.errors import UserError
 from shared.families import Backbone
-from shared.families.decoder import chunked_token_nll, first_token_classes, is_llama_style
+from shared.families.decoder import chunked_token_nll, first_token_classes, is_llama_style, softcapped
 from shared.tasks import TaskSpec
 from shared.tokens import LABEL_PAD
 from side_train.kernels import Dropout, attention_with_dropout, compute_dtype
@@ -519,9 +519,7 @@ class DecoderSideNetwork(SideNetwork):
         """Frozen-head logits [..., len(rows)] of side states s [..., d] for the kept head rows `rows`
         (`backbone_last`: the last backbone block's output there, for --merge-final)."""
         hidden = self.output(s, backbone_last)
-        logits = hidden @ self.lm_head[rows].to(hidden.dtype).t()
-        cap = self.cfg.final_softcap
-        return torch.tanh(logits / cap) * cap if cap else logits
+        return softcapped(hidden @ self.lm_head[rows].to(hidden.dtype).t(), self.cfg.final_softcap)
 
     @staticmethod
     def last_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -639,9 +637,7 @@ class DecoderSideNetwork(SideNetwork):
     def vocabulary_logits(self, s_last: torch.Tensor, h_last: torch.Tensor | None, head: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary [B, V] (float32) of side states [B, d] (with the config's softcap)."""
         hidden = self.output(s_last, h_last).float()
-        logits = hidden @ head.t()
-        cap = self.cfg.final_softcap
-        return torch.tanh(logits / cap) * cap if cap else logits
+        return softcapped(hidden @ head.t(), self.cfg.final_softcap)
 
     def ladder_inputs(self, states: torch.Tensor) -> torch.Tensor:
         """The side decoder's states [B, n, 1 + layers, D] of a backbone's [B, n, 1 + blocks, D], rounded to
