@@ -71,6 +71,7 @@ def build_parser() -> Parser:
     g.add_argument("--drop-layers", type=int, default=0, help="LST: drop N interleaved layers (the paper drops 3 per T5-base stack)")
     g.add_argument("--dropout", type=float, default=0.1, help="LST: the side network's dropout")
     g.add_argument("--attention-dropout", type=float, default=None, help="LST: dropout on attention probabilities (default: --dropout)")
+    g.add_argument("--free-blocks", type=int, default=0, help="LST, decoders: side blocks after the laddered ones, with no ladder")
     g.add_argument("--merge-final", action="store_true",
                    help="LST, decoders: QST's gated mix of the backbone's final normed state before the LM head")
     g.add_argument("--standardize-ladders", action="store_true",
@@ -105,7 +106,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         sizes=BaselineSizes(args.adapter_width, args.lora_rank, args.prompt_tokens),
         side=SideOptions(reduction=args.reduction, side_layers=parse_side_layers(args.side_layers), drop_layers=args.drop_layers,
                          dropout=args.dropout, attention_dropout=args.attention_dropout, pooling=args.pooling,
-                         merge_final=args.merge_final, standardize_ladders=args.standardize_ladders),
+                         merge_final=args.merge_final, standardize_ladders=args.standardize_ladders,
+                         free_blocks=args.free_blocks),
         init=args.init, fisher_samples=args.fisher_samples, cache=args.cache, out=args.out, quiet=args.quiet,
     )
     config.check()

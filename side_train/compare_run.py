@@ -542,6 +542,7 @@ def compare(config: CompareConfig) -> tuple[list[Row], dict]:
                 "adapter_width": config.sizes.adapter_width, "lora_rank": config.sizes.lora_rank,
                 "prompt_tokens": config.sizes.prompt_tokens, "reduction": config.side.reduction,
                 "drop_layers": config.side.drop_layers, "side_layers": config.side.side_layers,
+                "free_blocks": config.side.free_blocks,
                 "dropout": config.side.dropout, "merge_final": config.side.merge_final,
                 "standardize_ladders": config.side.standardize_ladders,
                 "init": config.init if config.train_steps else None,

@@ -7,6 +7,8 @@ The side network never sees the backbone's weights at run time, only its hidden 
         mu = sigmoid(alpha_j / T)                    # alpha_j starts at 0, T = 0.1
         s = mu * s + (1 - mu) * ladder_j(h_{i+1})    # gate, then the side block
         s = block_j(s)
+    for block in free_blocks:                        # decoders, --free-blocks N (xLadder): no ladder
+        s = block(s)
     s = dropout(final_norm(s))
 
 `LadderStack` is that loop over one stack of backbone states; `SideNetwork` holds the
@@ -48,10 +50,13 @@ class SideOptions:
     pooling: str = "mean"  # families with a classification head: mean or cls
     merge_final: bool = False  # decoders: QST's gated mix of the backbone's final normed state before the head
     standardize_ladders: bool = False  # ladders read each channel as (h - mean) / std x the layer's median std
+    free_blocks: int = 0  # decoders: side blocks after the laddered ones, fed by no ladder (xLadder)
 
     def check(self) -> None:
         if self.reduction <= 0:
             raise UserError(f"--reduction must be positive, got {self.reduction}")
+        if self.free_blocks < 0:
+            raise UserError(f"--free-blocks must be 0 or more, got {self.free_blocks}")
         if self.side_layers and self.drop_layers:
             raise UserError("--side-layers and --drop-layers both choose the side layers; give one of them")
         if self.side_layers is not None and len(set(self.side_layers)) != len(self.side_layers):
@@ -152,6 +157,29 @@ def side_layers(num_layers: int, drop: int = 0, explicit: list[int] | None = Non
     return [i for i in range(num_layers) if i not in dropped]
 
 
+def parse_layer_list(text: str | None) -> list[int] | None:
+    """`--side-layers` text: comma-separated block indices and inclusive ranges ("0,2,9-17"); None if empty."""
+    if not text or not str(text).strip():
+        return None
+    layers: list[int] = []
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            first, sep, last = part.partition("-")
+            if sep:
+                a, b = int(first), int(last)
+                if b < a:
+                    raise ValueError
+                layers.extend(range(a, b + 1))
+            else:
+                layers.append(int(part))
+    except ValueError:
+        raise UserError(f"--side-layers {text!r} must be block indices and ranges, e.g. 0,2,9-17") from None
+    return layers
+
+
 class RMSNorm(nn.Module):
     """Scale-only layer norm (T5, Llama): no mean subtraction, no bias."""
 
@@ -214,7 +242,8 @@ class LadderStack(nn.Module):
     """Down-projections, gates and thin blocks over one backbone stack's states.
 
     Blocks are called as `block(s, *self.block_inputs(mask, context_mask), context)`; a family
-    overrides `block_inputs` for its masks and position terms, and gives a final norm or none."""
+    overrides `block_inputs` for its masks and position terms, and gives a final norm or none.
+    Blocks beyond `layers` are free: they run after the laddered ones and read no ladder."""
 
     def __init__(self, cfg: SideConfig, layers: list[int], blocks: list[nn.Module], final_norm: nn.Module | None = None):
         super().__init__()
@@ -255,8 +284,9 @@ class LadderStack(nn.Module):
         s = self.ladder(0, states[:, :, 0], self.drop)
         inputs = self.block_inputs(mask, context_mask)
         for j, block in enumerate(self.blocks):
-            mu = torch.sigmoid(self.gate_alpha[j] / self.cfg.gate_temperature)
-            s = mu * s + (1 - mu) * self.ladder(j + 1, states[:, :, j + 1])
+            if j < len(self.layers):
+                mu = torch.sigmoid(self.gate_alpha[j] / self.cfg.gate_temperature)
+                s = mu * s + (1 - mu) * self.ladder(j + 1, states[:, :, j + 1])
             if self.recompute and torch.is_grad_enabled():
                 # reentrant: the checkpoint saves the block's inputs through autograd (so
                 # side_train.memory counts them) and re-runs the block, same dropout masks, in backward

@@ -29,7 +29,7 @@ from shared.cli import (
 )
 from shared.distributed import ranks, teardown
 from shared.errors import UserError, cli_entry
-from side_train.model import SideOptions
+from side_train.model import SideOptions, parse_layer_list
 from side_train.recipe import INITS, TIERS, SourceConfig, reader_mode
 from side_train.runs import RunConfig, run
 from side_train.train import TrainConfig
@@ -53,8 +53,11 @@ def build_parser() -> Parser:
                         "or fewer, thread beside a GPU on 4 CPUs or fewer, else 1 process")
     g = p.add_argument_group("side network")
     g.add_argument("--reduction", type=int, default=8, help="side width = backbone width / r")
-    g.add_argument("--side-layers", default=None, help="comma-separated backbone blocks that feed side blocks")
+    g.add_argument("--side-layers", default=None, help="backbone blocks that feed side blocks: indices and ranges, e.g. 0,2,9-17")
     g.add_argument("--drop-layers", type=int, default=0, help="drop N interleaved layers instead")
+    g.add_argument("--free-blocks", type=int, default=0,
+                   help="decoders: N side blocks after the laddered ones, fed by no ladder, each starting as the identity "
+                        "(xLadder: with --side-layers on the top blocks, more depth above the backbone's deepest states)")
     g.add_argument("--init", default="fisher", choices=INITS, help="side block init: pruned by importance, or random")
     g.add_argument("--fisher-samples", type=int, default=1024, help="live fisher init: training examples")
     g.add_argument("--dropout", type=float, default=0.1)
@@ -95,12 +98,7 @@ def build_parser() -> Parser:
 
 
 def parse_side_layers(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--side-layers {text!r} must be comma-separated integers") from None
+    return parse_layer_list(text)
 
 
 def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
@@ -117,7 +115,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
                           device=args.device, tier=args.tier, reader=args.reader)
     side = SideOptions(reduction=args.reduction, side_layers=parse_side_layers(args.side_layers), drop_layers=args.drop_layers,
                        dropout=args.dropout, attention_dropout=args.attention_dropout, pooling=args.pooling,
-                       merge_final=args.merge_final, standardize_ladders=args.standardize_ladders)
+                       merge_final=args.merge_final, standardize_ladders=args.standardize_ladders,
+                       free_blocks=args.free_blocks)
     train = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                         eval_batch_size=args.eval_batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                         weight_decay=args.weight_decay, clip=args.clip, seed=args.seed, eval_mode=args.eval_mode,

@@ -23,6 +23,7 @@ import torch
 
 from shared.errors import UserError
 from side_train.memory import SavedTensorCounter, account, device_tensors, recompute_bytes
+from side_train.model import parse_layer_list
 from side_train.runs import Member, RunConfig
 from side_train.train import uses_bf16
 
@@ -49,14 +50,16 @@ def _bool(text: str) -> bool:
     return word in ("true", "1", "yes")
 
 
-def _layers(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _layers(value) -> list[int]:
+    if isinstance(value, (list, tuple)):
+        return [int(x) for x in value]
+    return parse_layer_list(str(value)) or []
 
 
 # a grid key -> (the RunConfig section it sets, its parser); every other run setting is fixed for the sweep
 OPTIONS = {
-    "reduction": ("side", int), "side_layers": ("side", _layers), "drop_layers": ("side", int), "dropout": ("side", float),
-    "attention_dropout": ("side", float), "pooling": ("side", str), "merge_final": ("side", _bool),
+    "reduction": ("side", int), "side_layers": ("side", _layers), "drop_layers": ("side", int), "free_blocks": ("side", int),
+    "dropout": ("side", float), "attention_dropout": ("side", float), "pooling": ("side", str), "merge_final": ("side", _bool),
     "standardize_ladders": ("side", _bool),
     "epochs": ("train", int), "max_steps": ("train", int), "batch_size": ("train", int), "eval_batch_size": ("train", int),
     "lr": ("train", float), "warmup_steps": ("train", int), "weight_decay": ("train", float), "clip": ("train", float),
@@ -65,7 +68,7 @@ OPTIONS = {
 }
 FIXED = {"cache", "out", "live", "overwrite", "quiet", "device", "model", "revision", "gguf_file", "trust_remote_code", "task", "data",
          "text_fields", "label_field", "label_kind", "max_length", "max_target_length", "limit", "eval_mode", "tier", "reader"}
-SIZE_OPTIONS = ("reduction", "drop_layers", "side_layers")  # what moves a point along the plots' x axes
+SIZE_OPTIONS = ("reduction", "drop_layers", "side_layers", "free_blocks")  # what moves a point along the plots' x axes
 
 
 def option_value(config: RunConfig, key: str):

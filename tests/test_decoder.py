@@ -21,11 +21,12 @@ from conftest import needs_minilm, run_cli
 
 from shared.backbones import load_backbone
 from shared.cli import model_config
+from shared.errors import UserError
 from shared.families import family_of
 from shared.families.decoder import FISHER_HEAD_BYTES, DecoderBackbone, chunked_token_nll, prompt_template
 from shared.tasks import Example, TaskSpec, load_default
-from side_train.families.decoder import DecoderSideNetwork, causal_mask, head_indices, select_heads
-from side_train.model import SideOptions, from_pretrained
+from side_train.families.decoder import DecoderSideNetwork, SideKVCache, causal_mask, head_indices, select_heads
+from side_train.model import SideOptions, from_pretrained, parse_layer_list
 from side_train.run import parse_args, run
 
 CPU = torch.device("cpu")
@@ -159,8 +160,6 @@ def within_bf16_step(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def test_causal_lms_are_accepted_and_encoders_are_not():
     import transformers
-
-    from shared.errors import UserError
 
     for kind in KINDS:
         assert family_of(tiny_config(kind)) is DecoderBackbone
@@ -357,6 +356,83 @@ def test_pruned_init_keeps_whole_kv_groups(backbones, rt_spec):
     q_rows, k_rows, v_rows, o_cols = head_indices(cfg, *select_heads(cfg, scores[f"{a}.q_proj.rows"], scores[f"{a}.k_proj.rows"],
                                                                       scores[f"{a}.v_proj.rows"]))
     assert torch.equal(q_w[q_rows][:, K], q_expected) and len(k_rows) == len(v_rows) == 8 and len(o_cols) == 16
+
+
+def _pruned_side(bb, spec, options: SideOptions, seed: int = 0) -> DecoderSideNetwork:
+    from backbone_cache.importance import magnitude_scores
+
+    torch.manual_seed(seed)
+    side = DecoderSideNetwork(DecoderSideNetwork.config_for(bb, spec, options), bb.lm_head()[0].detach().float())
+    side.init_projections(std=0.2)
+    side.init_from_backbone({k: v.float() for k, v in bb.model.state_dict().items()}, magnitude_scores(bb))
+    return side
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_free_blocks_start_as_the_identity_and_then_train(backbones, rt_spec, kind):
+    """--free-blocks (xLadder): free block k copies laddered block k's init with both residual branches silenced
+    (Llama: o and down zero; Gemma's sandwich norms: their scale), so the network computes exactly what it
+    computes without them; one step moves the free blocks, and the KV-cached steps equal the full forward."""
+    bb = backbones[kind]
+    plain = _pruned_side(bb, rt_spec, SideOptions(reduction=2, dropout=0.0, side_layers=[1]))
+    free = _pruned_side(bb, rt_spec, SideOptions(reduction=2, dropout=0.0, side_layers=[1], free_blocks=2), seed=1)
+    assert free.cfg.block_layers == [1, 1, 1] and len(free.decoder.blocks) == 3 and len(free.decoder.ladders) == 1
+    missing, unexpected = free.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith(("decoder.blocks.1.", "decoder.blocks.2.")) for k in missing)
+    free.init_free_blocks()
+    laddered = free.decoder.blocks[0].state_dict()
+    silenced = ({"post_attn_norm.weight", "post_ff_norm.weight"} if kind == "gemma3"
+                else {"attn.o.weight", "down.weight"})
+    for block in free.decoder.blocks[1:]:
+        for name, value in block.state_dict().items():
+            if name in silenced:
+                assert torch.all(value == (-1.0 if kind == "gemma3" else 0.0)), name
+            else:
+                assert torch.equal(value, laddered[name]), name
+    torch.manual_seed(3)
+    states = (torch.randn(2, 9, 2, bb.d_model) * 3).bfloat16()
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    with torch.no_grad():
+        torch.testing.assert_close(free.decoder(states, mask), plain.decoder(states, mask), rtol=0, atol=0)
+    free.train()
+    out = free.decoder(states, mask)
+    (out.float() * torch.randn(out.shape)).sum().backward()
+    for block in free.decoder.blocks[1:]:
+        for name, param in block.named_parameters():
+            if name in silenced:
+                assert param.grad is not None and param.grad.abs().sum() > 0, name
+    with torch.no_grad():
+        for block in free.decoder.blocks[1:]:
+            for param in block.parameters():
+                param.add_(torch.randn(param.shape) * 0.05)
+    free.eval()
+    with torch.no_grad():
+        assert not torch.allclose(free.decoder(states, mask), plain.decoder(states, mask))
+        full = free.decoder(states[:1], mask[:1])
+        cache = SideKVCache()
+        pieces = [free.decoder.step(states[:1, :4], cache)] + [free.decoder.step(states[:1, i : i + 1], cache) for i in range(4, 9)]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
+    assert len(cache.layers) == 3
+
+
+def test_free_blocks_train_save_load_and_are_refused_elsewhere(decoder_cache, tmp_path):
+    from side_train.families.encoder import EncoderSideNetwork
+
+    assert parse_layer_list("0, 2,9-11") == [0, 2, 9, 10, 11] and parse_layer_list("") is None
+    for bad in ("3-1", "a", "1-"):
+        with pytest.raises(UserError, match="--side-layers"):
+            parse_layer_list(bad)
+    summary = run(_args("--cache", str(decoder_cache), "--out", str(tmp_path / "r"), "--max-steps", "3", "--init", "magnitude",
+                        "--side-layers", "1-1", "--free-blocks", "2", "--merge-final"))
+    assert summary["steps"] == 3
+    model = from_pretrained(tmp_path / "r" / "side_model").eval()
+    assert model.cfg.free_blocks == 2 and len(model.decoder.blocks) == 3
+    assert model.decoder.blocks[2].post_ff_norm.weight.ne(-1.0).any()  # trained away from the identity
+    with pytest.raises(UserError, match="drop --free-blocks"):
+        EncoderSideNetwork.config_for(None, load_default()[0], SideOptions(free_blocks=1))
+    with pytest.raises(UserError, match="--free-blocks must be 0 or more"):
+        SideOptions(free_blocks=-1).check()
 
 
 def slow_scores(side: DecoderSideNetwork, bb: DecoderBackbone, example: Example, spec: TaskSpec) -> torch.Tensor:

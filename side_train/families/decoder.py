@@ -37,6 +37,11 @@ decoder with its own (`SideKVCache`: per block the rotated keys and the values, 
 whether each is a real token, sliding layers keeping only their window), greedy or sampled
 (`GenerationConfig`); logits over the whole vocabulary at the last position only.
 
+Free blocks (`--free-blocks N`; xLadder, Zheng et al. 2025): N more side blocks after the laddered
+ones, which read no ladder. With `--side-layers` on the top backbone blocks they give the side
+network more depth above the backbone's deepest states. Free block k is built like laddered block k
+(mod their count), copies its init and starts as the identity (`DecoderSideBlock.start_as_identity`).
+
 Pruned init (`init_from_backbone`), chained through every backbone block like T5's: the kept
 residual dims K start from the embedding columns; per block, whole KV groups are kept by the
 summed row scores of their query heads, key and value; within them the same head dims for
@@ -95,6 +100,7 @@ class DecoderSideConfig(SideConfig):
     backbone_d_ff: int
     num_backbone_layers: int
     decoder_layers: list[int] = field(default_factory=list)
+    free_blocks: int = 0  # side blocks after the laddered ones, fed by no ladder (xLadder); block k mirrors laddered block k
     norm_eps: float = 1e-6
     norm_offset: bool = False  # Gemma: x̂ (1 + w)
     sandwich_norms: bool = False  # Gemma 2/3: norms after attention and after the MLP too
@@ -143,6 +149,13 @@ class DecoderSideConfig(SideConfig):
         return self.backbone_d_ff // self.reduction
 
     @property
+    def block_layers(self) -> list[int]:
+        """The backbone layer each side block is built and initialized from: the laddered blocks', then
+        for free block k that of laddered block k (mod their count)."""
+        n = len(self.decoder_layers)
+        return list(self.decoder_layers) + [self.decoder_layers[k % n] for k in range(self.free_blocks)] if n else []
+
+    @property
     def vocabulary(self) -> list[int]:
         """The candidates' distinct tokens, in order of first use: the LM head rows the network keeps."""
         return list(dict.fromkeys(t for word in self.candidate_tokens for t in word))
@@ -164,6 +177,8 @@ class DecoderSideConfig(SideConfig):
             raise UserError(f"unknown decoder head {self.head!r}; use words, last or lm")
         if self.head == "words" and not self.candidate_tokens:
             raise UserError("label-word scoring needs label words; this task has none (regression uses the last-token head)")
+        if self.free_blocks < 0:
+            raise UserError(f"--free-blocks must be 0 or more, got {self.free_blocks}")
         layers = self.decoder_layers
         if not layers:
             raise UserError("the side decoder has no layers; give --side-layers or a smaller --drop-layers")
@@ -313,6 +328,20 @@ class DecoderSideBlock(nn.Module):
         """Generation: the block on new positions with its attention's KV cache (see `DecoderAttention.step`)."""
         return self.feed_forward(s, self.attn.step(self.input_norm(s), cache, positions, real))
 
+    def start_as_identity(self) -> None:
+        """Zero both residual branches' outputs: the attention output and the MLP's down-projection, or
+        with sandwich norms the scale of the norms after them (a zero projection before an RMSNorm would
+        come out at full scale after one step)."""
+        with torch.no_grad():
+            if self.sandwich:
+                for norm in (self.post_attn_norm, self.post_ff_norm):
+                    norm.weight.fill_(-1.0 if isinstance(norm, OffsetRMSNorm) else 0.0)
+                return
+            for linear in (self.attn.o, self.down):
+                linear.weight.zero_()
+                if linear.bias is not None:
+                    linear.bias.zero_()
+
     def feed_forward(self, s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """The rest of the block after attention's output h."""
         s = s + self.drop(self.post_attn_norm(h) if self.sandwich else h)
@@ -337,8 +366,8 @@ class DecoderLadderStack(LadderStack):
     """The side decoder: ladders, gates, thin blocks (each of its backbone layer's kind), a final norm."""
 
     def __init__(self, cfg: DecoderSideConfig):
-        super().__init__(cfg, cfg.decoder_layers, [DecoderSideBlock(cfg, i) for i in cfg.decoder_layers], make_norm(cfg, cfg.d))
-        windows = {cfg.layer_windows[i] for i in cfg.decoder_layers if cfg.layer_windows and cfg.layer_windows[i]}
+        super().__init__(cfg, cfg.decoder_layers, [DecoderSideBlock(cfg, i) for i in cfg.block_layers], make_norm(cfg, cfg.d))
+        windows = {cfg.layer_windows[i] for i in cfg.block_layers if cfg.layer_windows and cfg.layer_windows[i]}
         if len(windows) > 1:
             raise UserError(f"the backbone's layers have several sliding windows ({sorted(windows)}); one is supported")
         self.window = windows.pop() if windows else None
@@ -362,8 +391,9 @@ class DecoderLadderStack(LadderStack):
         positions = (cache.seen[:, None] + real.long().cumsum(1) - 1).clamp(min=0)
         s = self.ladder(0, states[:, :, 0], self.drop)
         for j, block in enumerate(self.blocks):
-            mu = torch.sigmoid(self.gate_alpha[j] / self.cfg.gate_temperature)
-            s = mu * s + (1 - mu) * self.ladder(j + 1, states[:, :, j + 1])
+            if j < len(self.layers):
+                mu = torch.sigmoid(self.gate_alpha[j] / self.cfg.gate_temperature)
+                s = mu * s + (1 - mu) * self.ladder(j + 1, states[:, :, j + 1])
             s = block.step(s, cache.layers[j], positions, real)
         cache.length += n
         cache.seen = cache.seen + real.long().sum(1)
@@ -486,7 +516,7 @@ class DecoderSideNetwork(SideNetwork):
             final_norm_weight=[float(w) for w in backbone.final_normed_weight().detach().float().cpu()]
             if getattr(options, "merge_final", False) else [],
             decoder_layers=side_layers(int(c.num_hidden_layers), options.drop_layers, options.side_layers),
-            backbone=backbone_record(backbone),
+            free_blocks=options.free_blocks, backbone=backbone_record(backbone),
         )
         cfg.check()
         return cfg
@@ -832,7 +862,20 @@ class DecoderSideNetwork(SideNetwork):
                                     "ff": K_ff, "out": K_out}
             K = K_out
         copy_slice(self.decoder.final_norm.weight, state[f"{prefix}.norm.weight"], rows=K)
+        self.init_free_blocks()
         return kept
+
+    def random_init(self) -> None:
+        super().random_init()
+        self.init_free_blocks()
+
+    def init_free_blocks(self) -> None:
+        """Free block k starts as a copy of laddered block k (mod their count) whose two residual branches
+        output zero, so it starts as the identity (LLaMA Pro's block expansion)."""
+        blocks, n = self.decoder.blocks, len(self.cfg.decoder_layers)
+        for k in range(self.cfg.free_blocks):
+            blocks[n + k].load_state_dict(blocks[k % n].state_dict())
+            blocks[n + k].start_as_identity()
 
 
 def next_token(logits: torch.Tensor, settings: GenerationConfig, generator: torch.Generator) -> int:

@@ -122,6 +122,9 @@ class EncoderSideNetwork(SideNetwork):
         if options.merge_final:
             raise UserError("--merge-final mixes in a decoder-only backbone's final state before its LM head; "
                             "an encoder has no LM head: drop --merge-final")
+        if options.free_blocks:
+            raise UserError("--free-blocks adds decoder side blocks without ladders; encoder side networks do not have "
+                            "them: drop --free-blocks")
         cfg = EncoderSideConfig(
             backbone_d=backbone.d_model, backbone_d_ff=backbone.d_ff, num_heads=backbone.num_heads,
             num_backbone_layers=backbone.num_layers, reduction=options.reduction, dropout=options.dropout,

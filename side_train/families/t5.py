@@ -193,6 +193,9 @@ class T5SideNetwork(SideNetwork):
         if options.merge_final:
             raise UserError("--merge-final mixes in a decoder-only backbone's final state; T5 side networks have no "
                             "such output: drop --merge-final")
+        if options.free_blocks:
+            raise UserError("--free-blocks adds decoder side blocks without ladders; T5 side networks do not have "
+                            "them: drop --free-blocks")
         cfg = T5SideConfig(
             backbone_d=c.d_model, backbone_d_ff=c.d_ff, backbone_d_kv=c.d_kv, num_heads=c.num_heads,
             num_backbone_layers=c.num_layers, num_backbone_decoder_layers=c.num_decoder_layers,
