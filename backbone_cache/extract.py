@@ -36,7 +36,8 @@ def parse_command(argv: list[str] | None) -> tuple[ExtractConfig, bool]:
     p.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits to extract")
     p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--layers", default="all", help="states kept per stack: 'all' or indices, 0 = embeddings")
+    p.add_argument("--layers", default="all",
+                   help="states kept per stack: 'all', or indices and ranges (0 = embeddings, i + 1 = block i's output), e.g. 0,10-18")
     p.add_argument("--codec", default=None, choices=CODECS,
                    help=f"compression of hidden states (default {DEFAULT_CODEC}, or the codec of the cache already at --out)")
     p.add_argument("--chunk-mib", type=float, default=None,

@@ -48,7 +48,7 @@ from shared.cache_format import (
     read_manifest,
     stack_geometry,
 )
-from shared.config import DataConfig, ModelConfig
+from shared.config import DataConfig, ModelConfig, index_list
 from shared.errors import UserError
 from shared.families import Backbone
 from shared.stores import CacheLocation
@@ -131,10 +131,7 @@ def format_seconds(seconds: float) -> str:
 def parse_layers(text: str, available: int) -> list[int]:
     if text == "all":
         return list(range(available))
-    try:
-        layers = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise UserError(f"--layers {text!r} must be 'all' or comma-separated integers") from None
+    layers = sorted(set(index_list(text, "--layers")))
     if not layers or layers[0] < 0 or layers[-1] >= available:
         raise UserError(f"--layers {text!r} is out of range; the backbone has states 0..{available - 1}")
     return layers

@@ -9,6 +9,27 @@ from shared.errors import UserError
 from shared.tasks import Example, TaskSpec, load_task
 
 
+def index_list(text: str, flag: str) -> list[int]:
+    """Comma-separated indices and inclusive ranges ("0,2,9-17") in the order given; a one-line error naming `flag`."""
+    indices: list[int] = []
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            first, dash, last = part.partition("-")
+            if dash:
+                a, b = int(first), int(last)
+                if b < a:
+                    raise ValueError
+                indices.extend(range(a, b + 1))
+            else:
+                indices.append(int(part))
+    except ValueError:
+        raise UserError(f"{flag} {text!r} must be indices and ranges, e.g. 0,2,9-17") from None
+    return indices
+
+
 @dataclass
 class ModelConfig:
     """A backbone: a hub name or a folder (None: the embedded default).

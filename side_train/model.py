@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from shared.config import index_list
 from shared.errors import UserError
 from shared.families import Backbone
 from side_train.kernels import Dropout, attention_with_dropout, compute_dtype, ladder_projection
@@ -161,23 +162,7 @@ def parse_layer_list(text: str | None) -> list[int] | None:
     """`--side-layers` text: comma-separated block indices and inclusive ranges ("0,2,9-17"); None if empty."""
     if not text or not str(text).strip():
         return None
-    layers: list[int] = []
-    try:
-        for part in str(text).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            first, sep, last = part.partition("-")
-            if sep:
-                a, b = int(first), int(last)
-                if b < a:
-                    raise ValueError
-                layers.extend(range(a, b + 1))
-            else:
-                layers.append(int(part))
-    except ValueError:
-        raise UserError(f"--side-layers {text!r} must be block indices and ranges, e.g. 0,2,9-17") from None
-    return layers
+    return index_list(text, "--side-layers")
 
 
 class RMSNorm(nn.Module):

@@ -416,14 +416,22 @@ def test_free_blocks_start_as_the_identity_and_then_train(backbones, rt_spec, ki
     assert len(cache.layers) == 3
 
 
-def test_free_blocks_train_save_load_and_are_refused_elsewhere(decoder_cache, tmp_path):
+def test_free_blocks_train_save_load_and_are_refused_elsewhere(tiny_decoders, tmp_path):
+    """xLadder end to end: a cache of only the embedding and the last block's output (`--layers 0,2-2`), one
+    ladder on block 1 and two free blocks, trained, saved and loaded."""
     from side_train.families.encoder import EncoderSideNetwork
+
+    cache = tmp_path / "cache"
+    run_cli("backbone_cache.extract", "--model", str(tiny_decoders["gemma3"]), "--out", str(cache), *EXTRACT_ARGS,
+            "--layers", "0,2-2", "--init", "magnitude")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["stacks"]["decoder"]["layers"] == [0, 2]
 
     assert parse_layer_list("0, 2,9-11") == [0, 2, 9, 10, 11] and parse_layer_list("") is None
     for bad in ("3-1", "a", "1-"):
         with pytest.raises(UserError, match="--side-layers"):
             parse_layer_list(bad)
-    summary = run(_args("--cache", str(decoder_cache), "--out", str(tmp_path / "r"), "--max-steps", "3", "--init", "magnitude",
+    summary = run(_args("--cache", str(cache), "--out", str(tmp_path / "r"), "--max-steps", "3", "--init", "magnitude",
                         "--side-layers", "1-1", "--free-blocks", "2", "--merge-final"))
     assert summary["steps"] == 3
     model = from_pretrained(tmp_path / "r" / "side_model").eval()

@@ -296,6 +296,7 @@ def test_local_data_files(tiny_t5, tmp_path):
         (["--batch-size", "-1"], "--batch-size must be positive"),
         (["--splits", "train,dev"], "split 'dev' is not in the data"),
         (["--layers", "0,99"], "out of range"),
+        (["--layers", "0,3-x"], "must be indices and ranges"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, tiny_t5, args, needle):
