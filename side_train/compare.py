@@ -35,9 +35,8 @@ from shared.errors import UserError, cli_entry
 from side_train.baselines import ADAPTER_WIDTH, LORA_RANK, PROMPT_TOKENS, BaselineSizes
 from side_train.compare_report import format_table, write_outputs
 from side_train.compare_run import DEFAULT_LR, KNOWN_METHODS, METHODS, CompareConfig, compare
-from side_train.model import SideOptions
+from side_train.model import SideOptions, parse_layer_list
 from side_train.recipe import INITS
-from side_train.run import parse_side_layers
 
 
 def build_parser() -> Parser:
@@ -104,7 +103,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         time_steps=args.time_steps, time_batch_size=args.time_batch_size, train_steps=args.train_steps,
         eval_batch_size=args.eval_batch_size, lrs=parse_lrs(args.lr), seed=args.seed,
         sizes=BaselineSizes(args.adapter_width, args.lora_rank, args.prompt_tokens),
-        side=SideOptions(reduction=args.reduction, side_layers=parse_side_layers(args.side_layers), drop_layers=args.drop_layers,
+        side=SideOptions(reduction=args.reduction, side_layers=parse_layer_list(args.side_layers), drop_layers=args.drop_layers,
                          dropout=args.dropout, attention_dropout=args.attention_dropout, pooling=args.pooling,
                          merge_final=args.merge_final, standardize_ladders=args.standardize_ladders,
                          free_blocks=args.free_blocks),

@@ -97,10 +97,6 @@ def build_parser() -> Parser:
     return p
 
 
-def parse_side_layers(text: str | None) -> list[int] | None:
-    return parse_layer_list(text)
-
-
 def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
     """The RunConfig of parsed flags (`argv`: the flags as given, to find data flags a cache makes meaningless)."""
     if args.cache:
@@ -113,7 +109,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         raise UserError("--storage-options is for a --cache on object storage (s3://, gs://, ...); drop it")
     source = SourceConfig(cache=args.cache, storage_options=options, live=args.live, model=model_config(args), data=data_config(args),
                           device=args.device, tier=args.tier, reader=args.reader)
-    side = SideOptions(reduction=args.reduction, side_layers=parse_side_layers(args.side_layers), drop_layers=args.drop_layers,
+    side = SideOptions(reduction=args.reduction, side_layers=parse_layer_list(args.side_layers), drop_layers=args.drop_layers,
                        dropout=args.dropout, attention_dropout=args.attention_dropout, pooling=args.pooling,
                        merge_final=args.merge_final, standardize_ladders=args.standardize_ladders,
                        free_blocks=args.free_blocks)

@@ -50,10 +50,8 @@ def _bool(text: str) -> bool:
     return word in ("true", "1", "yes")
 
 
-def _layers(value) -> list[int]:
-    if isinstance(value, (list, tuple)):
-        return [int(x) for x in value]
-    return parse_layer_list(str(value)) or []
+def _layers(text: str) -> list[int]:
+    return parse_layer_list(text) or []
 
 
 # a grid key -> (the RunConfig section it sets, its parser); every other run setting is fixed for the sweep

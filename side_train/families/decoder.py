@@ -153,7 +153,7 @@ class DecoderSideConfig(SideConfig):
         """The backbone layer each side block is built and initialized from: the laddered blocks', then
         for free block k that of laddered block k (mod their count)."""
         n = len(self.decoder_layers)
-        return list(self.decoder_layers) + [self.decoder_layers[k % n] for k in range(self.free_blocks)] if n else []
+        return list(self.decoder_layers) + [self.decoder_layers[k % n] for k in range(self.free_blocks)]
 
     @property
     def vocabulary(self) -> list[int]:
