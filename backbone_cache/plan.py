@@ -72,6 +72,11 @@ def plan_split(name: str, examples: list[Example], spec: TaskSpec, backbone: Bac
         able = [name for name, family in FAMILIES.items() if spec.label_kind in family.label_kinds]
         raise UserError(f"the {backbone.family} family trains {', '.join(backbone.label_kinds)} tasks, not "
                         f"{spec.label_kind!r} ones; use a backbone of the {' or '.join(able) or 'no'} family")
+    if (spec.prompt or spec.label_words) and not backbone.takes_prompts:
+        flag = "--prompt" if spec.prompt else "--label-words"
+        able = [name for name, family in FAMILIES.items() if family.takes_prompts]
+        raise UserError(f"the {backbone.family} family reads no prompt template: drop {flag} (it is for the "
+                        f"{' and '.join(able)} family)")
     stacks = backbone.stacks(with_candidates)
     tokens = backbone.tokenize(examples, spec, max_length, max_target_length)
     primary = stacks[0].name

@@ -62,9 +62,18 @@ def run_lst(cache: str, out: Path, epochs: int, batch: int, *extra: str) -> dict
     return summary
 
 
+def cache_template(cache: str) -> list[str]:
+    """The cache's --prompt and --label-words flags (none for the task's own template), so that the LoRA and
+    memory arms render the prompts the cached states were computed from."""
+    task = json.loads((Path(cache) / "manifest.json").read_text())["task"]
+    prompt = ["--prompt", task["prompt"]] if task.get("prompt") else []
+    return prompt + (["--label-words", ",".join(task["label_words"])] if task.get("label_words") else [])
+
+
 def compare_config(args, *extra: str):
     limit = ["--limit", str(args.limit)] if args.limit else []
     return C.parse_args(["--model", args.model, *(["--gguf-file", args.gguf_file] if args.gguf_file else []), *limit,
+                         *cache_template(args.cache),
                          "--batch-size", str(args.batch_size), "--eval-batch-size", "64", "--device", "cpu", "--init", "magnitude",
                          "--seed", str(args.seed), "--quiet", "--out", str(Path(args.out) / "compare"), *extra])
 

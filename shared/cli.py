@@ -8,7 +8,8 @@ from shared.config import DataConfig, ModelConfig
 from shared.errors import UserError
 from shared.tasks import parse_data_files
 
-DATA_FLAGS = ("task", "data", "text_fields", "label_field", "label_kind", "max_length", "max_target_length", "limit")
+DATA_FLAGS = ("task", "data", "text_fields", "label_field", "label_kind", "max_length", "max_target_length", "limit",
+              "prompt", "label_words")
 
 
 def add_model_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, help_suffix: str = "") -> None:
@@ -30,6 +31,13 @@ def add_data_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, hel
     p.add_argument("--max-length", type=int, default=128, help="source tokens kept per example")
     p.add_argument("--max-target-length", type=int, default=128, help="T5: target tokens kept per example")
     p.add_argument("--limit", type=int, default=None, help="keep the first N examples of each split")
+    p.add_argument("--prompt", default="", metavar="TEMPLATE",
+                   help="decoder backbones: the prompt, with {field} for each text field, e.g. 'Is this review positive "
+                        "or negative?\\nReview: {sentence}\\nSentiment:' (\\n is a newline; the text after the last "
+                        "field is the cue the label words follow; default: the task's own, in the README's decoder section)")
+    p.add_argument("--label-words", default="", metavar="WORDS",
+                   help="decoder backbones: comma-separated label words, one per class in label order, each "
+                        "following the cue after a space (default: the task's own)")
 
 
 def add_storage_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -60,7 +68,8 @@ def data_config(args: argparse.Namespace) -> DataConfig:
     config = DataConfig(task=args.task, data={k: str(v) for k, v in parse_data_files(args.data).items()},
                         text_fields=[f for f in args.text_fields.split(",") if f], label_field=args.label_field,
                         label_kind=args.label_kind, max_length=args.max_length, max_target_length=args.max_target_length,
-                        limit=args.limit)
+                        limit=args.limit, prompt=getattr(args, "prompt", "").replace("\\n", "\n"),
+                        label_words=getattr(args, "label_words", "").split(",") if getattr(args, "label_words", "") else [])
     config.check()
     return config
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shared.errors import UserError
-from shared.tasks import Example, TaskSpec, load_task
+from shared.tasks import Example, TaskSpec, load_task, with_prompt
 
 
 def index_list(text: str, flag: str) -> list[int]:
@@ -55,6 +55,8 @@ class DataConfig:
     max_length: int = 128  # source tokens per example
     max_target_length: int = 128  # target tokens per example (T5)
     limit: int | None = None  # first N examples of each split
+    prompt: str = ""  # decoder backbones: a prompt template, "{field}" per text field ("": the task's own)
+    label_words: list[str] = field(default_factory=list)  # decoder backbones: one word per class ([]: the task's own)
 
     def check(self) -> None:
         for name in ("max_length", "max_target_length"):
@@ -68,6 +70,7 @@ class DataConfig:
         self.check()
         spec, splits = load_task(self.task, {k: Path(v) for k, v in self.data.items()}, self.text_fields, self.label_field,
                                  self.label_kind)
+        spec = with_prompt(spec, self.prompt, self.label_words)
         if self.limit:
             splits = {s: examples[: self.limit] for s, examples in splits.items()}
         return spec, splits
@@ -75,8 +78,11 @@ class DataConfig:
     def to_json(self) -> dict:
         out = asdict(self)
         out["data"] = {k: str(Path(v).resolve()) for k, v in self.data.items()}
+        for name in ("prompt", "label_words"):  # only when set: a default task keeps its earlier fingerprint
+            if not out[name]:
+                del out[name]
         return out
 
     @classmethod
     def from_json(cls, obj: dict) -> DataConfig:
-        return cls(**obj)
+        return cls(**obj)  # a run folder from before --prompt has neither key: the task's own template

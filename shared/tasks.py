@@ -10,8 +10,9 @@ import bz2
 import csv
 import importlib.metadata
 import json
+import string
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,8 @@ class TaskSpec:
     source_keys: list[str] = field(default_factory=list)  # T5 key before each field, e.g. "sentence:"
     metrics: list[str] = field(default_factory=lambda: ["accuracy"])
     epochs: int = 20
+    prompt: str = ""  # decoder backbones: the user's prompt template, "{field}" per text field ("": the task's own)
+    label_words: list[str] = field(default_factory=list)  # decoder backbones: the user's word per class ([]: the task's own)
 
     @property
     def num_labels(self) -> int:
@@ -76,11 +79,48 @@ class TaskSpec:
             "source_keys": self.source_keys,
             "metrics": self.metrics,
             "epochs": self.epochs,
+            # written only when set, so a cache of the task's own template keeps its format-1 task object
+            **({"prompt": self.prompt} if self.prompt else {}),
+            **({"label_words": self.label_words} if self.label_words else {}),
         }
 
     @classmethod
     def from_json(cls, obj: dict) -> TaskSpec:
         return cls(**obj)
+
+
+def with_prompt(spec: TaskSpec, prompt: str, label_words: list[str]) -> TaskSpec:
+    """The task with the user's prompt template and label words (--prompt, --label-words), checked against its
+    fields and classes. A template names each text field once as "{field}"; "{{" and "}}" are literal braces."""
+    if not prompt and not label_words:
+        return spec
+    if spec.label_kind == "lm":
+        flag = "--prompt" if prompt else "--label-words"
+        raise UserError(f"--task {INSTRUCT_TASK} takes its prompts from the data (write any template into each "
+                        f"prompt): drop {flag}")
+    if prompt:
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None]
+        except ValueError as exc:
+            raise UserError(f"--prompt {prompt!r} is not a template ({exc}); write each field as {{field}} and a "
+                            "literal brace as {{ or }}") from None
+        fields = ", ".join(f"{{{f}}}" for f in spec.text_fields)
+        unknown = [n for n in names if n not in spec.text_fields]
+        if unknown:
+            raise UserError(f"--prompt names {{{unknown[0]}}}, which is not a text field of task {spec.name!r}; "
+                            f"its fields are {fields}")
+        missing = [f for f in spec.text_fields if names.count(f) != 1]
+        if missing:
+            raise UserError(f"--prompt must name each text field once; {{{missing[0]}}} appears "
+                            f"{names.count(missing[0])} times (task {spec.name!r} has {fields})")
+    if label_words:
+        if spec.label_kind != "class":
+            raise UserError(f"task {spec.name!r} is a {spec.label_kind} task with no classes: drop --label-words")
+        if len(label_words) != len(spec.label_names) or not all(w.strip() for w in label_words):
+            raise UserError(f"--label-words gives {len(label_words)} word(s) for the {len(spec.label_names)} classes "
+                            f"of task {spec.name!r} ({', '.join(spec.label_names)}); give one non-empty word per class, "
+                            "in that order")
+    return replace(spec, prompt=prompt, label_words=[w.strip() for w in label_words])
 
 
 # Field keys follow the reference's text-to-text formats (note MNLI's "hypothesis" without a colon).

@@ -120,6 +120,10 @@ class Predictor:
         if labels(manifest["task"]) != labels(self.spec.to_json()):
             raise UserError(f"cache {cache} holds task {manifest['task']['name']!r}, the run was trained on "
                             f"{self.spec.name!r}; predict from a cache of the run's task")
+        prompt = lambda task: (task.get("prompt", ""), task.get("label_words", []))  # noqa: E731
+        if prompt(manifest["task"]) != prompt(self.spec.to_json()):
+            raise UserError(f"cache {cache} was extracted with another --prompt or --label-words than the run's "
+                            "cache; predict from a cache of the run's template")
         if split not in manifest["splits"]:
             raise UserError(f"cache {cache} has no split {split!r}; choose one of {', '.join(manifest['splits'])}")
         missing = [s for s in self.model.eval_stacks if s not in manifest["splits"][split]["stacks"]]

@@ -65,7 +65,8 @@ OPTIONS = {
     "init": ("run", str), "fisher_samples": ("run", int),
 }
 FIXED = {"cache", "out", "live", "overwrite", "quiet", "device", "model", "revision", "gguf_file", "trust_remote_code", "task", "data",
-         "text_fields", "label_field", "label_kind", "max_length", "max_target_length", "limit", "eval_mode", "tier", "reader"}
+         "text_fields", "label_field", "label_kind", "max_length", "max_target_length", "limit", "prompt", "label_words", "eval_mode",
+         "tier", "reader"}
 SIZE_OPTIONS = ("reduction", "drop_layers", "side_layers", "free_blocks")  # what moves a point along the plots' x axes
 
 

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import needs_minilm, run_cli
+from conftest import assert_one_line_error, needs_minilm, run_cli
 
 from shared.backbones import load_backbone
 from shared.cli import model_config
 from shared.errors import UserError
 from shared.families import family_of
 from shared.families.decoder import FISHER_HEAD_BYTES, DecoderBackbone, chunked_token_nll, prompt_template
-from shared.tasks import Example, TaskSpec, load_default
+from shared.tasks import Example, TaskSpec, load_default, with_prompt
 from side_train.families.decoder import DecoderSideNetwork, SideKVCache, causal_mask, head_indices, select_heads
 from side_train.model import SideOptions, from_pretrained, parse_layer_list
 from side_train.run import parse_args, run
@@ -246,6 +246,67 @@ def test_prompts_use_the_template_and_keep_the_cue(backbones, rt_spec):
     ids = bb.prompt_ids(long.texts, template, 40)
     cue = bb.tokenizer("\nSentiment:", add_special_tokens=False)["input_ids"]
     assert len(ids) <= 40 and ids[0] == 2 and ids[-len(cue) :] == cue
+
+
+def test_a_users_prompt_and_label_words_shape_the_ids(backbones, rt_spec):
+    bb = backbones["gemma3"]
+    spec = with_prompt(rt_spec, "Is it good?\nReview: {sentence}\nVerdict:", ["bad", "great film"])
+    template = prompt_template(spec)
+    assert template.cue == "\nVerdict:" and template.words == (" bad", " great film")
+    encode = lambda text: bb.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert bb.prompt_ids(["a {fine} film"], template, 128) == [2] + encode("Is it good?\nReview: a {fine} film\nVerdict:")
+    ids = bb.prompt_ids([" ".join(["boring"] * 300)], template, 40)
+    assert len(ids) <= 40 and ids[-len(encode("\nVerdict:")) :] == encode("\nVerdict:")
+    assert bb.candidate_token_ids(spec) == [bb.word_ids(" bad", template), bb.word_ids(" great film", template)]
+    assert len(bb.candidate_token_ids(spec)[1]) > 1  # a multi-token word
+    assert prompt_template(with_prompt(rt_spec, "{sentence}\nAnswer:\n", ["no", "yes"])).words == ("no", "yes")
+    assert prompt_template(with_prompt(rt_spec, "", ["bad", "good"])).render(["x"]) == "Review: x\nSentiment:"
+    assert TaskSpec.from_json(spec.to_json()) == spec and "prompt" not in rt_spec.to_json()
+    for prompt, words, needle in [("{text}: {sentence}", [], "not a text field"), ("{sentence} {sentence}", [], "once"),
+                                  ("{sentence} {", [], "not a template"), ("", ["good"], "1 word"),
+                                  ("", ["a", " "], "non-empty")]:
+        with pytest.raises(UserError, match=needle):
+            with_prompt(rt_spec, prompt, words)
+    with pytest.raises(UserError, match="drop --label-words"):
+        with_prompt(TaskSpec("local", ["s"], "regression", [], ["s:"], ["pearson"], 20), "", ["a"])
+
+
+def test_a_users_prompt_reaches_the_cache_live_runs_and_predict(tiny_decoders, backbones, tmp_path):
+    """--prompt and --label-words are recorded in the cache: a live run re-renders the same prompts (its losses
+    equal the cached run's), the run folder's predictor uses them, and other families and cached runs refuse them."""
+    from side_train.predict import Predictor
+
+    cache = tmp_path / "cache"
+    prompt, words = "Is this review good?\\nReview: {sentence}\\nVerdict:", "bad,good"
+    run_cli("backbone_cache.extract", "--model", str(tiny_decoders["gemma3"]), "--out", str(cache), *EXTRACT_ARGS,
+            "--init", "magnitude", "--prompt", prompt, "--label-words", words)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["task"]["prompt"] == "Is this review good?\nReview: {sentence}\nVerdict:"
+    assert manifest["task"]["label_words"] == ["bad", "good"] and manifest["candidates"] == [" bad", " good"]
+    bb = backbones["gemma3"]
+    first = load_default()[1]["train"][0]
+    rendered = [2] + bb.tokenizer(f"Is this review good?\nReview: {first.texts[0]}\nVerdict:",
+                                  add_special_tokens=False)["input_ids"]
+    import pyarrow.parquet as pq
+    import zarr
+
+    stored = pq.read_table(cache / "train" / "examples.parquet").column("example_id").to_pylist().index(first.example_id)
+    stack = zarr.open_group(str(cache / "train" / "decoder"), mode="r")
+    offsets = stack["offsets"][:]
+    assert stack["input_ids"][offsets[stored] : offsets[stored + 1]].tolist() == rendered  # the templated prompt's ids
+    common = ("--epochs", "1", "--init", "magnitude")
+    run(_args("--cache", str(cache), "--out", str(tmp_path / "cached"), *common))
+    run(_args("--cache", str(cache), "--live", "--out", str(tmp_path / "live"), *common))
+    np.testing.assert_allclose(losses(tmp_path / "cached"), losses(tmp_path / "live"), rtol=1e-4)
+    predictor = Predictor.from_run(tmp_path / "cached", "cpu")
+    assert predictor.spec.prompt == manifest["task"]["prompt"]
+    assert set(predictor.predict_texts([["a fine film"], ["a dull film"]])) <= {"rotten", "fresh"}
+    with pytest.raises(UserError, match="--prompt"):
+        run(_args("--cache", str(cache), "--out", str(tmp_path / "x"), "--prompt", "{sentence}"))
+    proc = run_cli("backbone_cache.extract", "--out", str(tmp_path / "enc"), "--limit", "8", "--quiet",
+                   "--label-words", "bad,good", check=False)
+    assert_one_line_error(proc, "drop --label-words")
+    assert not (tmp_path / "enc").exists()
 
 
 def test_candidate_states_equal_the_prompt_and_word_run_alone(backbones):

@@ -91,6 +91,7 @@ class Backbone:
 
     family: ClassVar[str] = ""
     label_kinds: ClassVar[tuple[str, ...]] = ("class", "regression")  # the task kinds it can tokenize ("lm": instruction)
+    takes_prompts: ClassVar[bool] = False  # whether it renders a user's --prompt and --label-words (TaskSpec.prompt)
 
     def __init__(self, model: torch.nn.Module, tokenizer, name: str, revision: str | None, device: torch.device,
                  dtype: torch.dtype):

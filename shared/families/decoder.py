@@ -1,8 +1,10 @@
 """The decoder family: decoder-only causal LMs (Llama, Qwen2, Qwen3, Mistral, Gemma, Gemma 2, Gemma 3).
 
-Prompting. Each example becomes one prompt, `PromptTemplate.render`: one line per text field
-("Review: <text>") and a cue ("Sentiment:"); the label words continue the cue (" negative",
-" positive" for the default Rotten Tomatoes task, `PROMPTS`; other tasks: " <label name>").
+Prompting. Each example becomes one prompt, `PromptTemplate.render`: by default one line per text
+field ("Review: <text>") and a cue ("Sentiment:"); the label words continue the cue (" negative",
+" positive" for the default Rotten Tomatoes task, `PROMPTS`; other tasks: " <label name>"). The
+user's `--prompt` template ("{field}" per text field; the cue is its text after the last field) and
+`--label-words` replace them (`TaskSpec.prompt`, `TaskSpec.label_words`; recorded in the cache).
 Ids are the tokenizer's own leading special tokens (Gemma's and Llama's `<bos>`; none for
 Qwen) then the prompt; trailing special tokens a tokenizer appends are dropped, so the last
 position is the cue's last token. A prompt longer than `--max-length` loses the end of its
@@ -49,6 +51,7 @@ from __future__ import annotations
 import functools
 import inspect
 import shutil
+import string
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,37 +74,54 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """How a task's examples become prompts: a key before each text field, a cue, and the label words."""
+    """How a task's examples become prompts: a template with one "{field}" per text field, and the label words.
+    The cue is the template's text after its last field; each label word continues it."""
 
-    keys: tuple[str, ...]
-    cue: str
-    words: tuple[str, ...]  # one per class, in label order (empty: regression)
+    form: str  # str.format template over the text fields, e.g. "Review: {sentence}\nSentiment:"
+    fields: tuple[str, ...]  # the task's text field names, in example order
+    words: tuple[str, ...]  # one per class, in label order, as they follow the cue (empty: regression)
 
-    def render(self, fields: list[str]) -> str:
-        lines = [f"{key} {text}" for key, text in zip(self.keys, fields)]
-        return "\n".join([*lines, self.cue])
+    def render(self, texts: list[str]) -> str:
+        return self.form.format_map(dict(zip(self.fields, texts)))
+
+    @property
+    def cue(self) -> str:
+        """The text after the last field (what the last prompt position reads)."""
+        items = list(string.Formatter().parse(self.form))
+        last = max((i for i, item in enumerate(items) if item[1] is not None), default=-1)
+        return "".join(item[0] for item in items[last + 1 :])
 
 
-PROMPTS: dict[str, PromptTemplate] = {
-    "rotten_tomatoes": PromptTemplate(("Review:",), "Sentiment:", (" negative", " positive")),
-    "sst2": PromptTemplate(("Review:",), "Sentiment:", (" negative", " positive")),
-    "cola": PromptTemplate(("Sentence:",), "Grammatical:", (" no", " yes")),
-    "mrpc": PromptTemplate(("Sentence 1:", "Sentence 2:"), "Same meaning:", (" no", " yes")),
-    "qqp": PromptTemplate(("Question 1:", "Question 2:"), "Same question:", (" no", " yes")),
-    "mnli": PromptTemplate(("Premise:", "Hypothesis:"), "Relation:", (" entailment", " neutral", " contradiction")),
-    "qnli": PromptTemplate(("Question:", "Sentence:"), "Answered:", (" yes", " no")),
-    "rte": PromptTemplate(("Premise:", "Hypothesis:"), "Entailed:", (" yes", " no")),
-    "stsb": PromptTemplate(("Sentence 1:", "Sentence 2:"), "Similarity:", ()),
+# The task's own templates: a key line per field, then the cue, and the label words.
+PROMPTS: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
+    "rotten_tomatoes": (("Review:",), "Sentiment:", (" negative", " positive")),
+    "sst2": (("Review:",), "Sentiment:", (" negative", " positive")),
+    "cola": (("Sentence:",), "Grammatical:", (" no", " yes")),
+    "mrpc": (("Sentence 1:", "Sentence 2:"), "Same meaning:", (" no", " yes")),
+    "qqp": (("Question 1:", "Question 2:"), "Same question:", (" no", " yes")),
+    "mnli": (("Premise:", "Hypothesis:"), "Relation:", (" entailment", " neutral", " contradiction")),
+    "qnli": (("Question:", "Sentence:"), "Answered:", (" yes", " no")),
+    "rte": (("Premise:", "Hypothesis:"), "Entailed:", (" yes", " no")),
+    "stsb": (("Sentence 1:", "Sentence 2:"), "Similarity:", ()),
 }
 
 
 def prompt_template(spec: TaskSpec) -> PromptTemplate:
-    """The task's template: `PROMPTS`, else one "Field name:" line per text field, "Answer:" and " <label name>"."""
-    if spec.name in PROMPTS and len(PROMPTS[spec.name].keys) == len(spec.text_fields):
-        return PROMPTS[spec.name]
-    keys = tuple(f"{f.replace('_', ' ').capitalize()}:" for f in spec.text_fields)
-    words = () if spec.label_kind == "regression" else tuple(f" {name.replace('_', ' ')}" for name in spec.label_names)
-    return PromptTemplate(keys, "Answer:", words)
+    """The task's template: the user's --prompt and --label-words where given (`TaskSpec.prompt`,
+    `label_words`); else `PROMPTS`, else one "Field name: {field}" line per text field, "Answer:" and
+    " <label name>". A user's word follows the cue after one space, unless the cue ends in whitespace."""
+    if spec.name in PROMPTS and len(PROMPTS[spec.name][0]) == len(spec.text_fields):
+        keys, cue, words = PROMPTS[spec.name]
+    else:
+        keys = tuple(f"{f.replace('_', ' ').capitalize()}:" for f in spec.text_fields)
+        cue = "Answer:"
+        words = () if spec.label_kind == "regression" else tuple(f" {n.replace('_', ' ')}" for n in spec.label_names)
+    form = spec.prompt or "\n".join([*(f"{key} {{{f}}}" for key, f in zip(keys, spec.text_fields)), cue])
+    template = PromptTemplate(form, tuple(spec.text_fields), words)
+    if spec.label_words:
+        space = "" if template.cue[-1:].isspace() else " "
+        template = PromptTemplate(form, template.fields, tuple(space + w for w in spec.label_words))
+    return template
 
 
 def text_config(config):
@@ -159,6 +179,7 @@ def cache_argument(model_class: type) -> str:
 class DecoderBackbone(Backbone):
     family = "decoder"
     label_kinds = ("class", "regression", "lm")
+    takes_prompts = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
