@@ -77,12 +77,13 @@ class PromptTemplate:
     """How a task's examples become prompts: a template with one "{field}" per text field, and the label words.
     The cue is the template's text after its last field; each label word continues it."""
 
-    form: str  # str.format template over the text fields, e.g. "Review: {sentence}\nSentiment:"
+    form: str  # str.format template over the text fields, e.g. "Review: {0}\nSentiment:" or a user's "... {sentence} ..."
     fields: tuple[str, ...]  # the task's text field names, in example order
     words: tuple[str, ...]  # one per class, in label order, as they follow the cue (empty: regression)
 
     def render(self, texts: list[str]) -> str:
-        return self.form.format_map(dict(zip(self.fields, texts)))
+        """The filled template: the task's own names fields by position ({0}), a user's by name ({sentence})."""
+        return self.form.format(*texts, **dict(zip(self.fields, texts)))
 
     @property
     def cue(self) -> str:
@@ -116,7 +117,8 @@ def prompt_template(spec: TaskSpec) -> PromptTemplate:
         keys = tuple(f"{f.replace('_', ' ').capitalize()}:" for f in spec.text_fields)
         cue = "Answer:"
         words = () if spec.label_kind == "regression" else tuple(f" {n.replace('_', ' ')}" for n in spec.label_names)
-    form = spec.prompt or "\n".join([*(f"{key} {{{f}}}" for key, f in zip(keys, spec.text_fields)), cue])
+    escape = lambda text: text.replace("{", "{{").replace("}", "}}")  # noqa: E731  (keys come from column names)
+    form = spec.prompt or "\n".join([*(f"{escape(key)} {{{i}}}" for i, key in enumerate(keys)), escape(cue)])
     template = PromptTemplate(form, tuple(spec.text_fields), words)
     if spec.label_words:
         space = "" if template.cue[-1:].isspace() else " "
