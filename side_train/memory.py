@@ -25,7 +25,7 @@ CUDA `torch.cuda.max_memory_allocated` measures everything, and `compare` report
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -53,6 +53,11 @@ class MemoryAccount:
 
     def to_json(self) -> dict:
         return {**asdict(self), "total_bytes": self.total_bytes}
+
+    @classmethod
+    def from_json(cls, data: dict) -> MemoryAccount:
+        """The account `to_json` wrote (its derived `total_bytes` dropped)."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 def storage_key(tensor: torch.Tensor) -> int:

@@ -27,6 +27,7 @@ from shared.distributed import Ranks, barrier, broadcast_object, check_devices, 
 from shared.errors import UserError
 from side_train.data import LayerView
 from side_train.evaluate import GENERATE_ON_LM
+from side_train.memory import device_tensors, storage_bytes
 from side_train.model import SideConfig, SideOptions
 from side_train.recipe import (
     INITS,
@@ -279,11 +280,13 @@ def finish_member(m: Member, sources: Sources, total_params: int, device: torch.
     summary.update(trainable_parameters=trainable, backbone_parameters=total_params, trainable_share=trainable / total_params,
                    source=sources.mode, tier=tier, device=str(device), wall_seconds=round(m.seconds, 3),
                    task=sources.spec.name, model=sources.backbone.name)
+    if state.memory is not None:  # None when data parallel, or when a resumed run had no step left
+        summary["training_memory_bytes"] = state.memory.total_bytes
+        summary["training_memory"] = state.memory.to_json()
+        if sources.mode == "live":  # the frozen backbone sits beside the side network while it trains
+            summary["live_backbone_bytes"] = sum(storage_bytes(device_tensors(sources.backbone.model)).values())
     if pass_info is not None:
         summary["peak_memory_kind"] += "_whole_sweep_process"
-        if state.memory is not None:  # None when a resumed run had no step left
-            summary["training_memory_bytes"] = state.memory.total_bytes
-            summary["training_memory"] = state.memory.to_json()
         summary["sweep"] = pass_info
     if state.writes:
         (m.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -360,6 +363,8 @@ def run(config: RunConfig) -> dict:
         print(f"side network: {trainable:,} trainable parameters, {100 * trainable / total:.3f}% of the "
               f"{total:,}-parameter backbone; source: {sources.mode} ({tier}); device: {device}", file=sys.stderr)
     start = time.perf_counter()
-    train_pass([member], sources, data, member.side_cfg, scores, device, quiet=config.train.quiet, ranks=ranks)
+    # the side network's largest step is accounted (side_train.memory) on one process; not under data parallel
+    train_pass([member], sources, data, member.side_cfg, scores, device, quiet=config.train.quiet,
+               track_memory=ranks.world_size == 1, ranks=ranks)
     member.seconds = time.perf_counter() - start
     return finish_member(member, sources, total, device, tier)

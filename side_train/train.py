@@ -193,7 +193,10 @@ class TrainState:
         self.rng = rng_snapshot(device)
         self.step_count = self.progress["step"]
         self.track_memory = track_memory
-        self.memory: MemoryAccount | None = None  # the largest step's account (track_memory; see side_train.memory)
+        # the largest step's account (track_memory; see side_train.memory), kept in the checkpoint's progress
+        # so a resumed run still reports the largest step of the whole run
+        stored = self.progress.pop("training_memory", None)
+        self.memory: MemoryAccount | None = MemoryAccount.from_json(stored) if stored and track_memory else None
         self.log = open(self.metrics_path, "a", encoding="utf-8") if self.writes else _NoLog()
         # on a GPU, reading a step's loss waits for the step: losses are read LOSS_READS_EVERY
         # steps at a time, so the host queues the next steps while the GPU runs (a caller that
@@ -255,7 +258,7 @@ class TrainState:
                 self.log.flush()
                 self.progress.update(epoch=epoch, batch=index + 1, step=self.step_count)
                 if self.writes:
-                    save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.progress)
+                    save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.saved_progress())
         return self.last_loss
 
     def _backward(self, batch: Batch) -> torch.Tensor:
@@ -334,8 +337,14 @@ class TrainState:
         self.progress.update(epoch=epoch + 1, batch=0, step=self.step_count)
         if self.writes:
             with self.own_rng():
-                save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.progress)
+                save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.saved_progress())
         return record
+
+    def saved_progress(self) -> dict:
+        """The progress a checkpoint stores: with memory tracked, the largest step's account so far."""
+        if self.memory is None:
+            return self.progress
+        return {**self.progress, "training_memory": self.memory.to_json()}
 
     def summary(self) -> dict:
         memory, memory_kind = peak_memory(self.device)

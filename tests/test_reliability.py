@@ -252,6 +252,13 @@ def test_training_killed_and_resumed_ends_identical(t5_cache, tmp_path):
 
     _kill_when(["side_train.run", *common, "--out", str(out)], progressed)
     assert not (out / "summary.json").exists(), "the run finished before it could be killed"
+    # the checkpoint keeps the largest step's memory account so far, and the resumed run reports it:
+    # inflated here, so that only the stored account can be the largest
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    stored = state["progress"]["training_memory"]
+    stored["saved_bytes"] += 10**9
+    stored["total_bytes"] += 10**9
+    (out / "checkpoint" / "state.json").write_text(json.dumps(state))
     run_cli("side_train.run", *common, "--out", str(out))
     a, b = load_file(str(tmp_path / "whole" / "side_model" / "model.safetensors")), load_file(str(out / "side_model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
@@ -259,6 +266,8 @@ def test_training_killed_and_resumed_ends_identical(t5_cache, tmp_path):
     assert [m.get("loss") for m in metrics[0]] == [m.get("loss") for m in metrics[1]]
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "whole", out))
     assert sa["test_last"] == sb["test_last"] and sa["validation_best"] == sb["validation_best"]
+    assert sb["training_memory"] == stored and sb["training_memory_bytes"] == stored["total_bytes"]
+    assert sa["training_memory_bytes"] < stored["total_bytes"] - 10**9 // 2
 
 
 # --- security -------------------------------------------------------------------------------------

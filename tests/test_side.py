@@ -62,6 +62,13 @@ def test_cached_and_live_runs_give_the_same_losses(t5_cache, tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-4)
     assert cached["source"] == "cache" and live["source"] == "live"
     assert cached["test_last"]["accuracy"] == pytest.approx(live["test_last"]["accuracy"], abs=5.0)
+    # a lone run accounts its largest step (side_train.memory), the same whether its states come from the cache or live
+    account = cached["training_memory"]
+    assert account["gradient_bytes"] == 4 * cached["trainable_parameters"] and account["saved_bytes"] > 0
+    assert cached["training_memory_bytes"] == account["total_bytes"] > 4 * 3 * cached["trainable_parameters"]
+    assert json.loads((tmp_path / "cached" / "summary.json").read_text())["training_memory"] == account
+    assert live["training_memory"] == account and "live_backbone_bytes" not in cached
+    assert live["live_backbone_bytes"] == 4 * cached["backbone_parameters"]  # the float32 backbone beside it
 
 
 @needs_minilm
