@@ -132,6 +132,14 @@ def format_summary(summary: dict) -> str:
     lines = [f"trainable parameters: {summary['trainable_parameters']:,} ({100 * summary['trainable_share']:.3f}% of the backbone)",
              f"peak memory: {summary['peak_memory_bytes'] / 2**20:,.1f} MiB ({summary['peak_memory_kind']})",
              f"time: {summary['train_seconds']:.1f} s training, {summary['seconds_per_epoch']:.2f} s per epoch"]
+    if summary.get("training_memory"):  # side_train.memory's account of the largest step (one process)
+        m = summary["training_memory"]
+        parts = ", ".join(f"{label} {m[key] / 2**20:,.1f}" for key, label in (
+            ("parameter_bytes", "parameters"), ("gradient_bytes", "gradients"), ("optimizer_bytes", "optimizer"),
+            ("saved_bytes", "saved activations"), ("input_bytes", "batch")))
+        live = (f"; the live backbone's weights beside it: {summary['live_backbone_bytes'] / 2**20:,.1f} MiB"
+                if "live_backbone_bytes" in summary else "")
+        lines.insert(2, f"training memory, largest step: {m['total_bytes'] / 2**20:,.1f} MiB ({parts} MiB){live}")
     for key, label in (("validation_best", "best validation"), ("test_at_best_validation", "test at best validation"),
                        ("test_last", "test at last epoch")):
         if summary.get(key):

@@ -15,7 +15,7 @@ from conftest import assert_one_line_error, needs_minilm, run_cli
 from side_train.data import Batch
 from side_train.families.t5 import T5SideConfig, T5SideNetwork
 from side_train.model import from_pretrained, side_layers
-from side_train.run import parse_args, run
+from side_train.run import format_summary, parse_args, run
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -69,6 +69,10 @@ def test_cached_and_live_runs_give_the_same_losses(t5_cache, tmp_path):
     assert json.loads((tmp_path / "cached" / "summary.json").read_text())["training_memory"] == account
     assert live["training_memory"] == account and "live_backbone_bytes" not in cached
     assert live["live_backbone_bytes"] == 4 * cached["backbone_parameters"]  # the float32 backbone beside it
+    shown = format_summary(live).splitlines()[2]
+    assert shown.startswith(f"training memory, largest step: {account['total_bytes'] / 2**20:,.1f} MiB (parameters ")
+    assert shown.endswith(f"the live backbone's weights beside it: {live['live_backbone_bytes'] / 2**20:,.1f} MiB")
+    assert "live backbone" not in format_summary(cached)
 
 
 @needs_minilm
