@@ -1,7 +1,7 @@
 """Benchmark: Gemma 3 270M on the embedded Rotten Tomatoes split, side by side in one process:
 
     python benchmarks/bench_gemma.py --model GEMMA_DIR --gguf-file gemma-3-270m-q4_k_m.gguf --cache CACHE --limit 500 \\
-        [--epochs 4] [--batch-size 32] [--arms probe,lst-words,lst-last,live-epoch,merge-final,lora] --out OUT
+        [--epochs 4] [--batch-size 32] [--arms probe,lst-words,lst-last,live-epoch,merge-final,lora,memory] --out OUT
 
 CACHE is `python -m backbone_cache.extract --model GEMMA_DIR --gguf-file ... --limit 500 --init magnitude --out CACHE`
 (the first --limit examples of every split). Arms, all on those examples, with equal epochs and batch size:
@@ -282,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
                 results["merge-final"] = run_lst(args.cache, out / "merge-final", args.epochs, args.batch_size, "--merge-final")
             else:
                 results["merge-final"] = {"not_measured": "side_train.run has no --merge-final flag yet"}
+        elif arm == "memory":  # accounting only, no training: the standardized recipe (RESULTS, session 15) and LoRA
+            recipe = ("--reduction", "4", "--merge-final", "--standardize-ladders", "--dropout", "0")
+            results["memory-lst-recipe"] = accounted_memory(args, "lst-cached", *recipe)
+            results["memory-lst-recipe-live"] = accounted_memory(args, "lst-live", *recipe)
+            results["memory-lora"] = accounted_memory(args, "lora")
         elif arm == "lora":
             results["memory-lora"] = accounted_memory(args, "lora")
             save()
