@@ -193,6 +193,15 @@ def table(results: dict, args) -> str:
         mem = results.get("memory-lora")
         row("LoRA (q, v; rank 32)", f"{mem['trainable_parameters'] / 1e6:.2f}M" if mem else "", f"{r['test']['score']:.1f}",
             f"{r['validation']['score']:.1f}", f"{mem['total_bytes'] / gib:.3f} GiB" if mem else "", "", f"{r['seconds_per_epoch']:.1f}")
+    for key, name in (("memory-lst-recipe", "LST from the cache, the standardized recipe (accounted only)"),
+                      ("memory-lst-recipe-live", "LST live, the standardized recipe (accounted only)")):
+        mem = results.get(key)  # the memory arm
+        if mem:
+            row(name, f"{mem['trainable_parameters'] / 1e6:.2f}M", "", "", f"{mem['total_bytes'] / gib:.3f} GiB", "", "")
+    if results.get("memory-lora") and not r:
+        mem = results["memory-lora"]
+        row("LoRA (q, v; rank 32) (accounted only)", f"{mem['trainable_parameters'] / 1e6:.2f}M", "", "",
+            f"{mem['total_bytes'] / gib:.3f} GiB", "", "")
     live = results.get("live-epoch")
     if live:
         mem = results.get("memory-lst-live")
