@@ -33,21 +33,26 @@ def main(argv: list[str] | None = None) -> int:
     real_train_pass = runs.train_pass
     seconds: dict[str, list[float]] = {"off": [], "on": []}
     accounts = []
-    with tempfile.TemporaryDirectory() as work:
-        for repeat in range(args.repeats):
-            for arm in ("off", "on"):
-                def train_pass(*a, track_memory=False, _arm=arm, **kw):
-                    return real_train_pass(*a, track_memory=_arm == "on", **kw)
+    tracking = {"on": False}
 
-                runs.train_pass = train_pass
-                config = parse_args(["--cache", args.cache, "--out", f"{work}/{arm}{repeat}", "--epochs", str(args.epochs),
-                                     "--quiet", *args.extra])
-                summary = runs.run(config)
-                seconds[arm].append(summary["seconds_per_epoch"])
-                if arm == "on":
-                    accounts.append(summary["training_memory_bytes"])
-                print(f"repeat {repeat} {arm}: {summary['seconds_per_epoch']:.2f} s per epoch", file=sys.stderr, flush=True)
-    runs.train_pass = real_train_pass
+    def train_pass(*a, track_memory=False, **kw):  # run() passes True on one process; the arm decides here
+        return real_train_pass(*a, track_memory=tracking["on"], **kw)
+
+    runs.train_pass = train_pass
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            for repeat in range(args.repeats):
+                for arm in ("off", "on"):
+                    tracking["on"] = arm == "on"
+                    config = parse_args(["--cache", args.cache, "--out", f"{work}/{arm}{repeat}", "--epochs", str(args.epochs),
+                                         "--quiet", *args.extra])
+                    summary = runs.run(config)
+                    seconds[arm].append(summary["seconds_per_epoch"])
+                    if arm == "on":
+                        accounts.append(summary["training_memory_bytes"])
+                    print(f"repeat {repeat} {arm}: {summary['seconds_per_epoch']:.2f} s per epoch", file=sys.stderr, flush=True)
+    finally:
+        runs.train_pass = real_train_pass
     off, on = statistics.median(seconds["off"]), statistics.median(seconds["on"])
     print(json.dumps({"seconds_per_epoch": seconds, "median_off": off, "median_on": on, "on_over_off": round(on / off, 4),
                       "training_memory_bytes": accounts}, indent=1))
